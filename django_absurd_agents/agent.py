@@ -1,0 +1,102 @@
+"""``AbsurdAgent``: the wrapper of the Pydantic AI Absurd tutorial.
+
+``AbsurdAgent(Agent("openai:gpt-5.2", name="analyst"), absurd)`` keeps the inner agent's model, tools,
+output type and instructions and runs it with ``AbsurdDurability`` attached, so ``await agent.run(...)``
+inside an ``@absurd.register_task`` handler checkpoints every model and tool call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, NoReturn
+
+from pydantic_ai.agent import AbstractAgent, EventStreamHandler, WrapperAgent
+from pydantic_ai.exceptions import UserError
+from pydantic_ai.models import Model
+
+from django_absurd_agents.durability import AbsurdDurability, current_task_context
+
+
+class AbsurdAgent(WrapperAgent[Any, Any]):
+    """A durable agent for Absurd tasks; outside a task it runs like the inner agent."""
+
+    def __init__(
+        self,
+        inner_agent: AbstractAgent[Any, Any],
+        absurd: Any,
+        *,
+        name: str | None = None,
+        models: Mapping[str, Model] | None = None,
+        event_stream_handler: EventStreamHandler[Any] | None = None,
+    ) -> None:
+        super().__init__(inner_agent)
+        agent_name = name or inner_agent.name
+        if not agent_name:
+            raise UserError(
+                "An AbsurdAgent needs a name: it prefixes every checkpoint step of the agent "
+                "(`analyst__model.request`, ...), so it must be unique and stable across deploys. Pass it as "
+                '`Agent(..., name="analyst")` or `AbsurdAgent(inner, absurd, name="analyst")`.'
+            )
+        if inner_agent.model is None:
+            raise UserError(
+                f"The agent {agent_name!r} has no model. A durable agent's model is fixed when it is built "
+                '(models cannot be swapped at run time); pass one: `Agent("openai:gpt-5.2", name=...)`.'
+            )
+        self._absurd_name = agent_name
+        self.absurd = absurd
+        self._models = dict(models or {})
+        self.durability: AbsurdDurability[Any] = AbsurdDurability(
+            models=models, event_stream_handler=event_stream_handler, name=agent_name
+        )
+
+    @property
+    def name(self) -> str | None:
+        return self._absurd_name
+
+    @name.setter
+    def name(self, value: str | None) -> None:
+        raise UserError("The name of an AbsurdAgent prefixes its checkpoint steps; it is fixed at construction.")
+
+    def _check_model(self, model: Any) -> None:
+        if model is None or model is self.wrapped.model:
+            return
+        if isinstance(model, str) and model in self._models:
+            return
+        if isinstance(model, Model) and any(model is registered for registered in self._models.values()):
+            return
+        known = ", ".join(repr(key) for key in self._models) or "none"
+        raise UserError(
+            f"Model {model!r} was not registered with AbsurdAgent {self._absurd_name!r}. A durable agent's "
+            "model is fixed at construction so that a resumed task calls the same model: register it with "
+            f"`AbsurdAgent(inner, absurd, models={{'fast': ...}})` and select it by id (registered: {known})."
+        )
+
+    @asynccontextmanager
+    async def iter(self, user_prompt: Any = None, **kwargs: Any) -> AsyncIterator[Any]:  # type: ignore[override]
+        self._check_model(kwargs.get("model"))
+        kwargs["capabilities"] = [*(kwargs.get("capabilities") or ()), self.durability]
+        async with self.wrapped.iter(user_prompt, **kwargs) as run:
+            yield run
+
+    def run_sync(self, *args: Any, **kwargs: Any) -> NoReturn:  # type: ignore[override]
+        raise UserError(
+            f"AbsurdAgent.run_sync() is not supported: Absurd task handlers are async, so call "
+            f"`await {self._absurd_name}.run(...)` inside the task."
+        )
+
+    def _refuse_stream_in_task(self, method: str) -> None:
+        if current_task_context() is not None:
+            raise UserError(
+                f"AbsurdAgent.{method}() cannot be used inside an Absurd task: a stream cannot be replayed "
+                "from checkpoints. Stream from the web layer with a plain agent, or pass "
+                "`event_stream_handler=` to AbsurdAgent to receive the run's events inside the task."
+            )
+
+    def run_stream(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        self._refuse_stream_in_task("run_stream")
+        return super().run_stream(*args, **kwargs)
+
+    def run_stream_events(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        self._refuse_stream_in_task("run_stream_events")
+        return super().run_stream_events(*args, **kwargs)

@@ -1,0 +1,92 @@
+"""System checks: ``manage.py check`` reports misconfiguration before a worker or a view trips on it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.checks import Error, Tags, Warning, register
+from django.db import DatabaseError, connections
+
+from django_absurd_agents import conf, schema
+
+
+@register(Tags.compatibility)
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warning]:
+    errors: list[Error | Warning] = []
+    for key in conf.unknown_keys():
+        errors.append(
+            Error(
+                f"Unknown key {key!r} in settings.ABSURD_AGENTS.",
+                hint=f"Valid keys: {', '.join(sorted(conf.DEFAULTS))}. Check the spelling.",
+                id="absurd_agents.E005",
+            )
+        )
+    settings = conf.get()
+    for queue in settings.all_queues:
+        problem = conf.queue_name_error(queue)
+        if problem:
+            errors.append(
+                Error(
+                    problem,
+                    hint="Rename the queue in ABSURD_AGENTS (QUEUES, DEFAULT_QUEUE or TASK_ROUTES).",
+                    id="absurd_agents.E003",
+                )
+            )
+    return errors
+
+
+@register(Tags.database)
+def check_database(app_configs: Any = None, databases: Any = None, **kwargs: Any) -> list[Error]:
+    settings = conf.get()
+    alias = settings.database_alias
+    if alias not in connections.settings:
+        return [
+            Error(
+                f"ABSURD_AGENTS['DATABASE_ALIAS'] is {alias!r}, which is not in settings.DATABASES.",
+                hint="Set DATABASE_ALIAS to one of: " + ", ".join(connections.settings) + ".",
+                id="absurd_agents.E001",
+            )
+        ]
+    connection = connections[alias]
+    if connection.vendor != "postgresql":
+        return [
+            Error(
+                f"Database {alias!r} uses the {connection.vendor} backend; Absurd needs PostgreSQL.",
+                hint="Set ENGINE to 'django.db.backends.postgresql' (database_config() does this).",
+                id="absurd_agents.E001",
+            )
+        ]
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+
+    if not is_psycopg3:
+        return [
+            Error(
+                "Django is using psycopg2; django-absurd-agents needs psycopg 3.",
+                hint="pip uninstall psycopg2 psycopg2-binary && pip install 'psycopg[binary]>=3.2'",
+                id="absurd_agents.E002",
+            )
+        ]
+    # The schema check needs a live database, which Django runs only for ``check --database``
+    # and ``migrate``; skip it otherwise so ``check`` works offline.
+    if not databases or alias not in databases:
+        return []
+    try:
+        version = schema.installed_version(connection)
+    except DatabaseError as exc:
+        return [
+            Error(
+                f"Cannot read the Absurd schema version from database {alias!r}: {exc}",
+                hint="Check that the database server runs and DATABASES is right.",
+                id="absurd_agents.E004",
+            )
+        ]
+    if version is not None and version != schema.EXPECTED_VERSION:
+        return [
+            Error(
+                f"The database has Absurd schema {version}; this code expects {schema.EXPECTED_VERSION}.",
+                hint="Run `manage.py migrate absurd_agents` (it installs the matching upgrade) or align "
+                "the absurdctl and django-absurd-agents versions.",
+                id="absurd_agents.E004",
+            )
+        ]
+    return []

@@ -1,0 +1,115 @@
+"""Settings of django-absurd-agents, read in one place.
+
+Everything lives under one dict, ``settings.ABSURD_AGENTS``. Unknown keys are reported by a system
+check (``absurd_agents.E005``) so that a typo does not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+
+DEFAULTS: dict[str, Any] = {
+    # Database alias whose connection the Absurd client and the sync helpers use.
+    "DATABASE_ALIAS": "default",
+    # Queues created on ``migrate``; the first one is the default queue unless DEFAULT_QUEUE says otherwise.
+    "QUEUES": ["agents"],
+    "DEFAULT_QUEUE": None,
+    # Task name -> queue, so a web process spawns by name into the right queue without importing the task.
+    "TASK_ROUTES": {},
+    # Modules imported by ``absurd_worker`` besides every installed app's ``tasks`` module.
+    "TASK_MODULES": [],
+    "DEFAULT_MAX_ATTEMPTS": 5,
+    # Exponential backoff so a failing task does not burn its attempts milliseconds apart.
+    "RETRY_STRATEGY": {"kind": "exponential", "base_seconds": 2, "factor": 2, "max_seconds": 300},
+    # Spawns whose JSON params are larger than this are refused before anything is written.
+    "MAX_PARAMS_BYTES": 1_000_000,
+    # Worker defaults (each has a command-line option).
+    "CLAIM_TIMEOUT": 120,
+    "CONCURRENCY": 10,
+    "POLL_INTERVAL": 0.5,
+    "SHUTDOWN_GRACE": 30.0,
+    "HEARTBEAT_FILE": None,
+    # ``migrate absurd_agents zero`` drops the schema (and every task in it) only when this is True.
+    "ALLOW_SCHEMA_DROP": False,
+}
+
+QUEUE_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
+"""Queue names become parts of table names (``absurd.t_<queue>``); keep them plain identifiers."""
+
+MAX_QUEUE_NAME_BYTES = 57
+
+
+def user_settings() -> dict[str, Any]:
+    value = getattr(settings, "ABSURD_AGENTS", None) or {}
+    if not isinstance(value, dict):
+        return {}
+    return value
+
+
+def unknown_keys() -> list[str]:
+    return sorted(set(user_settings()) - set(DEFAULTS))
+
+
+def queue_name_error(name: object) -> str | None:
+    """Why ``name`` cannot be a queue name, or None when it can."""
+    if not isinstance(name, str) or not name:
+        return f"Queue name {name!r} must be a non-empty string."
+    if len(name.encode()) > MAX_QUEUE_NAME_BYTES:
+        return f"Queue name {name!r} is longer than {MAX_QUEUE_NAME_BYTES} bytes."
+    if not QUEUE_NAME_RE.match(name):
+        return f"Queue name {name!r} may contain only lowercase letters, digits and underscores."
+    return None
+
+
+@dataclass(frozen=True)
+class AgentsSettings:
+    database_alias: str
+    queues: tuple[str, ...]
+    default_queue: str
+    task_routes: dict[str, str]
+    task_modules: tuple[str, ...]
+    default_max_attempts: int
+    retry_strategy: dict[str, Any] | None
+    max_params_bytes: int
+    claim_timeout: int
+    concurrency: int
+    poll_interval: float
+    shutdown_grace: float
+    heartbeat_file: str | None
+    allow_schema_drop: bool
+
+    @property
+    def all_queues(self) -> tuple[str, ...]:
+        """Declared queues, plus the default queue and every routed queue, in a stable order."""
+        seen = dict.fromkeys([*self.queues, self.default_queue, *self.task_routes.values()])
+        return tuple(seen)
+
+    def queue_for(self, task_name: str) -> str:
+        return self.task_routes.get(task_name, self.default_queue)
+
+
+def get() -> AgentsSettings:
+    """The effective settings: defaults overlaid with ``settings.ABSURD_AGENTS``."""
+    merged = {**DEFAULTS, **user_settings()}
+    queues = tuple(merged["QUEUES"] or ())
+    default_queue = merged["DEFAULT_QUEUE"] or (queues[0] if queues else "agents")
+    return AgentsSettings(
+        database_alias=merged["DATABASE_ALIAS"],
+        queues=queues or (default_queue,),
+        default_queue=default_queue,
+        task_routes=dict(merged["TASK_ROUTES"] or {}),
+        task_modules=tuple(merged["TASK_MODULES"] or ()),
+        default_max_attempts=int(merged["DEFAULT_MAX_ATTEMPTS"]),
+        retry_strategy=merged["RETRY_STRATEGY"],
+        max_params_bytes=int(merged["MAX_PARAMS_BYTES"]),
+        claim_timeout=int(merged["CLAIM_TIMEOUT"]),
+        concurrency=int(merged["CONCURRENCY"]),
+        poll_interval=float(merged["POLL_INTERVAL"]),
+        shutdown_grace=float(merged["SHUTDOWN_GRACE"]),
+        heartbeat_file=merged["HEARTBEAT_FILE"],
+        allow_schema_drop=bool(merged["ALLOW_SCHEMA_DROP"]),
+    )

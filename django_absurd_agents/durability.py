@@ -1,0 +1,158 @@
+"""``AbsurdDurability``: a pydantic-ai capability that makes an agent's runs durable on Absurd.
+
+Built on pydantic-ai's public engine surface (``pydantic_ai.durable_exec``): the base class owns the
+model, toolset, MCP and event-stream machinery; this module says how one durable unit runs, which is
+one Absurd step (``ctx.begin_step``/``ctx.complete_step``) named by ``JournalOperationNamer``, so every
+step name starts with the agent's name.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from absurd_sdk import AsyncTaskContext, get_current_context
+from pydantic_ai.agent import EventStreamHandler
+from pydantic_ai.capabilities.abstract import WrapRunHandler
+from pydantic_ai.durable_exec import (
+    JSON_CODEC,
+    BaseDurabilityCapability,
+    DurabilityEngineSpec,
+    DurableOperationBackend,
+    DurableOperationId,
+    JournalCallableOperationBackend,
+    RoleBasedOperationConfig,
+    conversation_id_from_run_id,
+    external_event_scope,
+    record_durable_unit,
+    replay_scope,
+)
+from pydantic_ai.exceptions import UserError
+from pydantic_ai.models import Model
+from pydantic_ai.run import AgentRunResult
+from pydantic_ai.tools import AgentDepsT, RunContext
+
+from django_absurd_agents.lease import keep_lease, lease_kept
+
+_run_counters: weakref.WeakKeyDictionary[AsyncTaskContext, dict[str, int]] = weakref.WeakKeyDictionary()
+"""Agent runs started so far in each task attempt, per agent name: gives replay-stable run ids."""
+
+
+def current_task_context() -> AsyncTaskContext | None:
+    """The Absurd task being executed by this asyncio task, if any (and if it is async)."""
+    ctx = get_current_context()
+    return ctx if isinstance(ctx, AsyncTaskContext) else None
+
+
+def _require_context(what: str) -> AsyncTaskContext:
+    ctx = current_task_context()
+    if ctx is None:
+        raise UserError(f"{what} needs to run inside an Absurd task handler (@absurd.register_task).")
+    return ctx
+
+
+class AbsurdOperationBackend(JournalCallableOperationBackend[None]):
+    """Runs each durable operation as one Absurd step; a completed step returns its recorded JSON."""
+
+    async def execute(
+        self,
+        *,
+        operation_id: DurableOperationId,
+        name: str,
+        body: Callable[[], Awaitable[object]],
+        cache_key: tuple[object, ...],
+        config: None,
+    ) -> object:
+        ctx = _require_context(f"The durable step {name!r}")
+        handle = await ctx.begin_step(name)
+        if handle.done:
+            record_durable_unit(executed=False)
+            return handle.state
+        if lease_kept(ctx):
+            value = await body()
+        else:  # a task run by a plain absurd_sdk client: keep its lease for the step ourselves
+            async with keep_lease(ctx):
+                value = await body()
+        await ctx.complete_step(handle, value)
+        record_durable_unit(executed=True)
+        return value
+
+
+@dataclass(init=False, kw_only=True)
+class AbsurdDurability(BaseDurabilityCapability[AgentDepsT]):
+    """Make an agent durable on Absurd: ``Agent(model, name="analyst", capabilities=[AbsurdDurability()])``.
+
+    Inside an Absurd task handler every model request, function tool call, MCP call and dynamic tool
+    call is one checkpointed step named ``{agent name}__...``; a new attempt of the task replays the
+    completed steps from their recorded results and runs only what is left. Outside a task the
+    capability is transparent and the run is an ordinary agent run.
+    """
+
+    engine_spec = DurabilityEngineSpec(
+        engine_name="Absurd",
+        durable_unit_noun="step",
+        durable_unit_plural="steps",
+        durable_container_noun="task",
+        codec=JSON_CODEC,
+        unsupported_runtime_toolset_kinds=frozenset({"function", "mcp", "dynamic"}),
+        wrapped_toolset_kinds=frozenset({"function", "mcp", "dynamic"}),
+        toolset_lifecycles={"function": "enter-always", "mcp": "enter-in-durable-unit", "dynamic": "enter-never"},
+        tool_call_result_upgrade_lenient=False,
+        journal_discovery=True,
+        # Absurd numbers repeated step names in the order they are reached, so tool calls must run
+        # one after another for a replay to see the same numbering.
+        sequential_tools_in_durable_context=True,
+        tool_config_key="absurd",
+    )
+
+    def __init__(
+        self,
+        *,
+        models: Mapping[str, Model] | None = None,
+        event_stream_handler: EventStreamHandler[AgentDepsT] | None = None,
+        name: str | None = None,
+    ) -> None:
+        """Create the capability.
+
+        Args:
+            models: Extra models by id, selectable at run time with ``agent.run(..., model="id")``. The
+                agent's own model is always registered as ``"default"``.
+            event_stream_handler: Receives the run's model and tool events; inside a task, model events
+                arrive live within the model step and tool events in steps of their own.
+            name: Prefix of every step name; defaults to the agent's ``name``.
+        """
+        super().__init__(models=models, event_stream_handler=event_stream_handler, name=name)
+
+    @property
+    def in_durable_context(self) -> bool:
+        return current_task_context() is not None
+
+    def get_default_run_id(self) -> str | None:
+        ctx = current_task_context()
+        if ctx is None:
+            return None
+        counters = _run_counters.setdefault(ctx, {})
+        index = counters.get(self.name, 0)
+        counters[self.name] = index + 1
+        return f"{ctx.task_id}:{self.name}:{index}"
+
+    def get_default_conversation_id(self, run_id: str) -> str | None:
+        return conversation_id_from_run_id(run_id) if self.in_durable_context else None
+
+    def get_durable_operation_backend(self) -> DurableOperationBackend[Any]:
+        return AbsurdOperationBackend(
+            agent_name=self.name,
+            default_model_id=self.default_model_id,
+            config=RoleBasedOperationConfig(model=None, event=None, capability=None, tool=None),
+        )
+
+    async def wrap_run(self, ctx: RunContext[AgentDepsT], *, handler: WrapRunHandler) -> AgentRunResult[Any]:
+        task = current_task_context()
+        if task is None:
+            return await super().wrap_run(ctx, handler=handler)
+        from django_absurd_agents.external_events import AbsurdEventWaiter
+
+        with replay_scope(), external_event_scope(AbsurdEventWaiter(task, self.name)):
+            return await super().wrap_run(ctx, handler=handler)

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.db import connection
+
+
+def database_url() -> str:
+    """A libpq URL of the test database, for worker subprocesses."""
+    from psycopg.conninfo import make_conninfo
+
+    params = connection.get_connection_params()
+    keep = {k: v for k, v in params.items() if k in {"dbname", "user", "password", "host", "port"} and v}
+    return make_conninfo("", **keep)
+
+
+@pytest.fixture
+def worker_env(transactional_db: Any) -> dict[str, str]:
+    """Environment for a subprocess that must use the test database."""
+    env = dict(os.environ)
+    env["DATABASE_URL"] = database_url()
+    env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+    return env
+
+
+@pytest.fixture
+def clean_queues(transactional_db: Any) -> Iterator[None]:
+    """Empty every queue table, for tests that commit through the client's own connection."""
+    yield
+    with connection.cursor() as cursor:
+        cursor.execute("select queue_name from absurd.queues")
+        for (queue,) in cursor.fetchall():
+            for prefix in ("t", "r", "c", "e", "w"):
+                cursor.execute(f'truncate absurd."{prefix}_{queue}"')
+
+
+@pytest.fixture
+async def project_absurd(transactional_db: Any, clean_queues: None) -> Any:
+    """The project-wide ``absurd`` client, its connection for this test's event loop closed afterwards."""
+    from django_absurd_agents import absurd
+
+    yield absurd
+    await absurd.close()

@@ -1,0 +1,110 @@
+"""The project's Absurd client: spawn, work, fetch, transactional spawn, params validation."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import json
+import uuid
+from typing import Any
+
+import pytest
+from django.db import connection, transaction
+
+from django_absurd_agents import InvalidParams, absurd
+from django_absurd_agents.client import ProjectAbsurd
+
+
+def count_tasks(queue: str = "agents") -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(f"select count(*) from absurd.t_{queue}")
+        return int(cursor.fetchone()[0])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_spawn_inside_rolled_back_atomic_leaves_no_task(clean_queues: None) -> None:
+    before = count_tasks()
+    with pytest.raises(RuntimeError), transaction.atomic():
+        absurd.spawn_sync("analyse", {"q": 1})
+        assert count_tasks() == before + 1  # visible inside the transaction
+        raise RuntimeError("the view failed")
+    assert count_tasks() == before
+
+
+@pytest.mark.django_db(transaction=True)
+def test_spawn_inside_committed_atomic_is_kept(clean_queues: None) -> None:
+    with transaction.atomic():
+        spawned = absurd.spawn_sync("analyse", {"q": 1})
+    assert isinstance(spawned["task_id"], str)
+    snapshot = absurd.fetch_task_result_sync(spawned["task_id"])
+    assert snapshot is not None and snapshot.state == "pending"
+
+
+class NotJson:
+    pass
+
+
+@pytest.mark.django_db(transaction=True)
+def test_non_json_params_rejected_with_nothing_written(clean_queues: None) -> None:
+    before = count_tasks()
+    with pytest.raises(InvalidParams, match="must be JSON.*primary key"):
+        absurd.spawn_sync("analyse", {"obj": NotJson()})
+    with pytest.raises(InvalidParams, match="MAX_PARAMS_BYTES"):
+        absurd.spawn_sync("analyse", {"blob": "x" * 1_000_001})
+    assert count_tasks() == before
+
+
+@pytest.mark.django_db(transaction=True)
+def test_django_values_in_params_are_accepted(clean_queues: None) -> None:
+    the_id = uuid.uuid4()
+    spawned = absurd.spawn_sync(
+        "analyse", {"id": the_id, "at": datetime.datetime(2026, 1, 2, tzinfo=datetime.UTC), "x": decimal.Decimal("1.5")}
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("select params from absurd.t_agents where task_id = %s", [spawned["task_id"]])
+        params = json.loads(cursor.fetchone()[0])
+    assert params == {"id": str(the_id), "at": "2026-01-02T00:00:00Z", "x": "1.5"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_spawn_routes_unregistered_task_by_settings(clean_queues: None, settings: Any) -> None:
+    settings.ABSURD_AGENTS = {**settings.ABSURD_AGENTS, "TASK_ROUTES": {"report": "other"}}
+    spawned = absurd.spawn_sync("report", {})
+    assert count_tasks("other") == 1
+    assert absurd.fetch_task_result_sync(spawned["task_id"], queue_name="other") is not None
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_round_trip_spawn_work_batch_fetch(clean_queues: None) -> None:
+    app = ProjectAbsurd()
+
+    @app.register_task(name="double")
+    async def double(params: dict[str, int], ctx: Any) -> dict[str, int]:
+        value = await ctx.step("compute", lambda: _async(params["n"] * 2))
+        return {"value": value}
+
+    spawned = await app.spawn("double", {"n": 21})
+    assert isinstance(spawned["task_id"], str)
+    await app.work_batch(claim_timeout=10)
+    snapshot = await app.fetch_task_result(uuid.UUID(spawned["task_id"]))
+    assert snapshot is not None
+    assert (snapshot.state, snapshot.result) == ("completed", {"value": 42})
+    # The web process spawns by name without having registered the task.
+    unregistered = await absurd.spawn("double", {"n": 1})
+    assert (await absurd.fetch_task_result(unregistered["task_id"])).state == "pending"  # type: ignore[union-attr]
+    await app.close()
+    await absurd.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_default_retry_strategy_is_exponential(clean_queues: None) -> None:
+    spawned = absurd.spawn_sync("anything", {})
+    with connection.cursor() as cursor:
+        cursor.execute("select retry_strategy, max_attempts from absurd.t_agents where task_id = %s", [spawned["task_id"]])
+        strategy, max_attempts = cursor.fetchone()
+    assert json.loads(strategy)["kind"] == "exponential"
+    assert max_attempts == 5
+
+
+async def _async(value: Any) -> Any:
+    return value

@@ -292,10 +292,20 @@ def _give_to(path: Path, user: _User | None, *, recursive: bool = False) -> None
                 os.chown(os.path.join(root, name), user.uid, user.gid, follow_symlinks=False)
 
 
+def _not_ours(path: Path) -> EmbeddedPostgresError:
+    return EmbeddedPostgresError(
+        f"{path} belongs to another user (was the server first started as root?); use that user, "
+        f"or set {DATA_DIR_ENV} to a directory of your own."
+    )
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """Hold an exclusive ``flock``: it vanishes with its holder, so a killed process never blocks us."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except PermissionError as exc:
+        raise _not_ours(path) from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -446,6 +456,8 @@ def _read_pidfile(path: Path) -> _PidFile | Literal["bogus"] | None:
         lines = path.read_text(errors="replace").splitlines()
     except FileNotFoundError:
         return None
+    except PermissionError as exc:
+        raise _not_ours(path) from exc
     try:
         pid = int(lines[0])
         port = int(lines[3]) if len(lines) > 3 and lines[3].strip() else PORT

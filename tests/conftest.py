@@ -44,3 +44,14 @@ async def project_absurd(transactional_db: Any, clean_queues: None) -> Any:
 
     yield absurd
     await absurd.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_stray_sessions(django_db_setup: Any, django_db_blocker: Any) -> Iterator[None]:
+    """Before the test database is destroyed, end sessions that killed workers left behind."""
+    yield
+    with django_db_blocker.unblock(), connection.cursor() as cursor:
+        cursor.execute(
+            "select pg_terminate_backend(pid) from pg_stat_activity "
+            "where datname = current_database() and pid <> pg_backend_pid()"
+        )

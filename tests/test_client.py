@@ -100,7 +100,9 @@ async def test_round_trip_spawn_work_batch_fetch(clean_queues: None) -> None:
 def test_default_retry_strategy_is_exponential(clean_queues: None) -> None:
     spawned = absurd.spawn_sync("anything", {})
     with connection.cursor() as cursor:
-        cursor.execute("select retry_strategy, max_attempts from absurd.t_agents where task_id = %s", [spawned["task_id"]])
+        cursor.execute(
+            "select retry_strategy, max_attempts from absurd.t_agents where task_id = %s", [spawned["task_id"]]
+        )
         strategy, max_attempts = cursor.fetchone()
     assert json.loads(strategy)["kind"] == "exponential"
     assert max_attempts == 5

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +52,52 @@ async def _names(task_id: str) -> list[str]:
     from asgiref.sync import sync_to_async
 
     return await sync_to_async(checkpoint_names)(task_id)
+
+
+def start_worker(task_id: str, env: dict[str, str], **extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.worker_process", task_id],
+        env={**env, **extra},
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+
+
+def wait_exit(process: subprocess.Popen[bytes], timeout: float = 60) -> int:
+    return process.wait(timeout=timeout)
+
+
+@pytest.mark.slow
+def test_killed_inside_tool_resumes_without_repeating_model_call(
+    worker_env: dict[str, str], clean_queues: None, tmp_path: Path
+) -> None:
+    from django_absurd_agents import absurd
+
+    log = tmp_path / "calls.log"
+    env = {**worker_env, "CALL_LOG": str(log), "CLAIM_TIMEOUT": "1"}
+    task_id = absurd.spawn_sync("analyse", {"prompt": "How is ACME?"})["task_id"]
+    assert wait_exit(start_worker(task_id, env, CRASH_AT="tool:quote")) == 137
+    assert calls(log) == ["model:1", "tool:quote"]
+    assert checkpoint_names(task_id) == ["analyst__model.request"]
+    assert wait_exit(start_worker(task_id, env)) == 0
+    snapshot = absurd.fetch_task_result_sync(task_id)
+    assert snapshot is not None and snapshot.state == "completed"
+    # Model call 1 was paid once; the tool that was in flight when the worker died ran again.
+    assert calls(log) == ["model:1", "tool:quote", "tool:quote", "model:2", "tool:stamp", "model:3"]
+
+
+@pytest.mark.slow
+def test_killed_inside_second_model_call_runs_tool_once(
+    worker_env: dict[str, str], clean_queues: None, tmp_path: Path
+) -> None:
+    from django_absurd_agents import absurd
+
+    log = tmp_path / "calls.log"
+    env = {**worker_env, "CALL_LOG": str(log), "CLAIM_TIMEOUT": "1"}
+    task_id = absurd.spawn_sync("analyse", {"prompt": "How is ACME?"})["task_id"]
+    assert wait_exit(start_worker(task_id, env, CRASH_AT="model:2")) == 137
+    assert wait_exit(start_worker(task_id, env)) == 0
+    assert absurd.fetch_task_result_sync(task_id).state == "completed"  # type: ignore[union-attr]
+    log_lines = calls(log)
+    assert log_lines.count("tool:quote") == 1
+    assert log_lines.count("model:1") == 1
+    assert log_lines.count("model:2") == 2  # in flight at the kill, so paid again: the at-least-once window

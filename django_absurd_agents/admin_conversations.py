@@ -1,0 +1,1 @@
+"""Admin of conversations (filled in by the conversations feature)."""

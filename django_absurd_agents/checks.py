@@ -36,7 +36,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
 
 
 @register(Tags.database)
-def check_database(app_configs: Any = None, databases: Any = None, **kwargs: Any) -> list[Error]:
+def check_database(app_configs: Any = None, databases: Any = None, **kwargs: Any) -> list[Error | Warning]:
     settings = conf.get()
     alias = settings.database_alias
     if alias not in connections.settings:
@@ -80,13 +80,33 @@ def check_database(app_configs: Any = None, databases: Any = None, **kwargs: Any
                 id="absurd_agents.E004",
             )
         ]
-    if version is not None and version != schema.EXPECTED_VERSION:
+    if version is None or version == schema.EXPECTED_VERSION:
+        return []
+    # ``migrate`` runs these checks before migrating: while this app has unapplied migrations (an
+    # upgrade migration among them), an error here would stop the very command that fixes it.
+    if _unapplied_migrations(connection):
         return [
-            Error(
+            Warning(
                 f"The database has Absurd schema {version}; this code expects {schema.EXPECTED_VERSION}.",
-                hint="Run `manage.py migrate absurd_agents` (it installs the matching upgrade) or align "
-                "the absurdctl and django-absurd-agents versions.",
-                id="absurd_agents.E004",
+                hint="Run `manage.py migrate absurd_agents`: its unapplied migrations upgrade the schema.",
+                id="absurd_agents.W004",
             )
         ]
-    return []
+    return [
+        Error(
+            f"The database has Absurd schema {version}; this code expects {schema.EXPECTED_VERSION}.",
+            hint="Install the django-absurd-agents release whose absurdctl pin matches the database, or upgrade "
+            "the schema with `absurdctl migrate` to the version this code expects (see docs/installation.md, "
+            "Upgrading Absurd).",
+            id="absurd_agents.E004",
+        )
+    ]
+
+
+def _unapplied_migrations(connection: Any) -> list[str]:
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(connection)
+    targets = executor.loader.graph.leaf_nodes("absurd_agents")
+    plan = executor.migration_plan(targets)
+    return [migration.name for migration, backwards in plan if migration.app_label == "absurd_agents" and not backwards]

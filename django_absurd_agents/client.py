@@ -34,7 +34,7 @@ from absurd_sdk import (
     SpawnResult,
     TaskResultSnapshot,
 )
-from absurd_sdk import _fail_task_run_async as fail_task_run  # noqa: PLC2701
+from absurd_sdk import _fail_task_run_async as fail_task_run
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connections
 from psycopg import AsyncConnection
@@ -43,6 +43,7 @@ from django_absurd_agents import conf
 from django_absurd_agents.lease import keep_lease
 
 TaskId = str | uuid.UUID
+TaskHandler = Callable[[Any, AsyncTaskContext], Awaitable[Any]]
 
 
 class InvalidParams(ValueError):
@@ -119,8 +120,8 @@ class ProjectAbsurd(AsyncAbsurd):
 
     # --- configuration read from settings -------------------------------------------------
 
-    @property  # type: ignore[override]
-    def _queue_name(self) -> str:
+    @property
+    def _queue_name(self) -> str:  # type: ignore[override]
         return self._queue_override or conf.get().default_queue
 
     @property
@@ -139,8 +140,8 @@ class ProjectAbsurd(AsyncAbsurd):
         clone._queue_override = queue_name
         return clone
 
-    @property  # type: ignore[override]
-    def _conn(self) -> AsyncConnection[Any] | None:
+    @property
+    def _conn(self) -> AsyncConnection[Any] | None:  # type: ignore[override]
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -168,7 +169,7 @@ class ProjectAbsurd(AsyncAbsurd):
         queue: str | None = None,
         default_max_attempts: int | None = None,
         default_cancellation: CancellationPolicy | None = None,
-    ) -> Callable[[Callable[[Any, AsyncTaskContext], Awaitable[Any]]], Callable[[Any, AsyncTaskContext], Awaitable[Any]]]:
+    ) -> Callable[[TaskHandler], TaskHandler]:
         """Register a task handler; without ``queue`` it goes where ``TASK_ROUTES`` sends its name."""
         return super().register_task(
             name,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from contextvars import ContextVar
 
 from absurd_sdk import AsyncTaskContext, CancelledTask, FailedTask
@@ -64,7 +64,5 @@ async def keep_lease(ctx: AsyncTaskContext) -> AsyncIterator[None]:
     finally:
         _kept.reset(token)
         extender.cancel()
-        try:
+        with suppress(asyncio.CancelledError):
             await extender
-        except asyncio.CancelledError:
-            pass

@@ -47,7 +47,7 @@ class NotJson:
 @pytest.mark.django_db(transaction=True)
 def test_non_json_params_rejected_with_nothing_written(clean_queues: None) -> None:
     before = count_tasks()
-    with pytest.raises(InvalidParams, match="must be JSON.*primary key"):
+    with pytest.raises(InvalidParams, match=r"must be JSON.*primary key"):
         absurd.spawn_sync("analyse", {"obj": NotJson()})
     with pytest.raises(InvalidParams, match="MAX_PARAMS_BYTES"):
         absurd.spawn_sync("analyse", {"blob": "x" * 1_000_001})

@@ -10,8 +10,6 @@ from typing import Any
 import pytest
 from django.db import connection
 
-from tests import agents
-
 
 def checkpoint_names(task_id: str, queue: str = "agents") -> list[str]:
     with connection.cursor() as cursor:

@@ -84,7 +84,7 @@ async def test_run_sync_and_unregistered_model_are_refused() -> None:
     agent = AbsurdAgent(Agent(TestModel(), name="picky"), absurd, models={"fast": fast})
     with pytest.raises(UserError, match=r"await picky.run"):
         agent.run_sync("hi")
-    with pytest.raises(UserError, match="was not registered.*models="):
+    with pytest.raises(UserError, match=r"was not registered.*models="):
         await agent.run("hi", model="openai:gpt-4o")
     with pytest.raises(UserError, match="was not registered"):
         await agent.run("hi", model=TestModel())

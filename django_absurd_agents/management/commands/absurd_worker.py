@@ -1,0 +1,95 @@
+"""``manage.py absurd_worker``: run the tasks of one or more queues (see ``django_absurd_agents.worker``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from django_absurd_agents import conf
+from django_absurd_agents.worker import Worker, WorkerConfig, WorkerError, discover_tasks
+
+_LEVELS = {0: logging.WARNING, 1: logging.INFO}
+
+
+class Command(BaseCommand):
+    help = (
+        "Claim and run Absurd tasks: every installed app's tasks.py and ABSURD_AGENTS['TASK_MODULES'] are imported "
+        "first. SIGTERM/SIGINT stop gracefully; a second signal exits at once."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        settings = conf.get()
+        parser.add_argument(
+            "--queue",
+            "-q",
+            action="append",
+            dest="queues",
+            metavar="QUEUE",
+            help=f"A queue to serve; repeat for several. Default: every configured queue ({', '.join(settings.all_queues)}).",
+        )
+        parser.add_argument(
+            "--concurrency",
+            "-c",
+            type=int,
+            help=f"Tasks run at the same time, shared by the queues (default {settings.concurrency}).",
+        )
+        parser.add_argument(
+            "--claim-timeout",
+            type=int,
+            help=f"Lease length in seconds; a dead worker's tasks resume after it (default {settings.claim_timeout}).",
+        )
+        parser.add_argument(
+            "--poll-interval",
+            type=float,
+            help=f"Seconds between polls of an empty queue (default {settings.poll_interval:g}).",
+        )
+        parser.add_argument(
+            "--shutdown-grace",
+            type=float,
+            help="Seconds in-flight tasks get to finish after SIGTERM before they are handed back "
+            f"(default {settings.shutdown_grace:g}).",
+        )
+        parser.add_argument("--worker-id", help="Name recorded on claimed runs (default host:pid).")
+        parser.add_argument("--burst", action="store_true", help="Run what is waiting, then exit 0.")
+        parser.add_argument("--max-tasks", type=int, help="Exit after claiming this many tasks (and finishing them).")
+        parser.add_argument(
+            "--heartbeat-file",
+            help="A file rewritten with the Unix time every poll, for liveness probes "
+            f"(default ABSURD_AGENTS['HEARTBEAT_FILE'] = {settings.heartbeat_file!r}).",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        _configure_logging(options["verbosity"])
+        try:
+            config = WorkerConfig.from_settings(
+                queues=options["queues"],
+                concurrency=options["concurrency"],
+                claim_timeout=options["claim_timeout"],
+                poll_interval=options["poll_interval"],
+                shutdown_grace=options["shutdown_grace"],
+                worker_id=options["worker_id"],
+                burst=options["burst"],
+                max_tasks=options["max_tasks"],
+                heartbeat_file=options["heartbeat_file"],
+            )
+            discover_tasks()
+            code = asyncio.run(Worker(config).run())
+        except WorkerError as exc:
+            raise CommandError(str(exc)) from exc
+        if code:
+            sys.exit(code)
+
+
+def _configure_logging(verbosity: int) -> None:
+    """Show the worker's log at INFO on stderr unless the project's LOGGING already routes it."""
+    logger = logging.getLogger("django_absurd_agents")
+    if logger.hasHandlers():
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(_LEVELS.get(verbosity, logging.DEBUG))

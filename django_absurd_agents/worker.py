@@ -1,0 +1,689 @@
+"""The production worker behind ``manage.py absurd_worker``.
+
+absurd-sdk's own ``start_worker`` claims a batch and waits for the whole batch before claiming again,
+has no signal handling, and ends on the first database error. This worker instead:
+
+* keeps ``concurrency`` slots busy: one claimer per queue claims as many tasks as there are free
+  slots, and a slot that frees is refilled at once, so one slow agent run never idles the others;
+* serves several queues from one process, the slots shared between them;
+* stops claiming on SIGTERM/SIGINT and lets in-flight tasks finish within a grace period; a task
+  still running after it is put back for another worker at once, and a second signal exits at once;
+* survives database restarts: it logs, backs off and reconnects, and a task whose outcome could not
+  be written is claimed again once its lease expires, so nothing is lost;
+* runs each task like Django runs an ASGI request: synchronous ORM work (``sync_to_async``, the async
+  ORM) gets a thread and a database connection of its own, closed when the task ends;
+* logs one line per task start and end, and writes a heartbeat file for orchestrators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import importlib
+import logging
+import os
+import random
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import psycopg
+from absurd_sdk import CancelledTask, ClaimedTask, FailedTask, SuspendTask
+from asgiref.sync import SyncToAsync, ThreadSensitiveContext, sync_to_async
+from django.db import connections
+from django.utils.module_loading import autodiscover_modules
+
+from django_absurd_agents import conf
+from django_absurd_agents.client import ProjectAbsurd, absurd
+
+logger = logging.getLogger("django_absurd_agents.worker")
+
+Outcome = Literal["completed", "failed", "suspended", "cancelled", "lost", "interrupted"]
+
+_BACKOFF_FIRST = 0.25
+_BACKOFF_CAP = 15.0
+# A claim query outstanding this long means the connection hangs (a half-open TCP socket, say):
+# the heartbeat file then stops moving so that a liveness probe restarts the process.
+_STUCK_CLAIM_SECONDS = 60.0
+
+
+class WorkerError(Exception):
+    """A configuration problem that keeps the worker from starting; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What a worker serves and how; ``from_settings`` fills the gaps from ``ABSURD_AGENTS``."""
+
+    queues: tuple[str, ...]
+    concurrency: int
+    claim_timeout: int
+    poll_interval: float
+    shutdown_grace: float
+    worker_id: str
+    burst: bool = False
+    max_tasks: int | None = None
+    heartbeat_file: str | None = None
+
+    @classmethod
+    def from_settings(
+        cls,
+        *,
+        queues: Iterable[str] | None = None,
+        concurrency: int | None = None,
+        claim_timeout: int | None = None,
+        poll_interval: float | None = None,
+        shutdown_grace: float | None = None,
+        worker_id: str | None = None,
+        burst: bool = False,
+        max_tasks: int | None = None,
+        heartbeat_file: str | None = None,
+    ) -> WorkerConfig:
+        settings = conf.get()
+        config = cls(
+            queues=tuple(dict.fromkeys(queues or ())) or settings.all_queues,
+            concurrency=settings.concurrency if concurrency is None else concurrency,
+            claim_timeout=settings.claim_timeout if claim_timeout is None else claim_timeout,
+            poll_interval=settings.poll_interval if poll_interval is None else poll_interval,
+            shutdown_grace=settings.shutdown_grace if shutdown_grace is None else shutdown_grace,
+            worker_id=worker_id or f"{socket.gethostname()}:{os.getpid()}",
+            burst=burst,
+            max_tasks=max_tasks,
+            heartbeat_file=heartbeat_file or settings.heartbeat_file,
+        )
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for queue in self.queues:
+            problem = conf.queue_name_error(queue)
+            if problem:
+                raise WorkerError(problem)
+        if self.concurrency < 1:
+            raise WorkerError(f"Concurrency must be at least 1, not {self.concurrency}.")
+        if self.claim_timeout < 1:
+            # Absurd treats 0 as "no lease at all": a crashed worker's tasks would never be resumed.
+            raise WorkerError(f"The claim timeout must be at least 1 second, not {self.claim_timeout}.")
+        if self.poll_interval <= 0:
+            raise WorkerError(f"The poll interval must be positive, not {self.poll_interval}.")
+        if self.shutdown_grace < 0:
+            raise WorkerError(f"The shutdown grace period cannot be negative ({self.shutdown_grace}).")
+        if self.max_tasks is not None and self.max_tasks < 1:
+            raise WorkerError(f"--max-tasks must be at least 1, not {self.max_tasks}.")
+
+
+def discover_tasks(extra_modules: Iterable[str] | None = None) -> None:
+    """Import every installed app's ``tasks`` module and the modules in ``TASK_MODULES``.
+
+    Registration happens at import time (``@absurd.register_task``), so a worker that did not import
+    the module would claim the task and fail it as unknown.
+    """
+    autodiscover_modules("tasks")
+    modules = conf.get().task_modules if extra_modules is None else tuple(extra_modules)
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise WorkerError(
+                f"Cannot import {module!r} from ABSURD_AGENTS['TASK_MODULES']: {exc}. "
+                "Fix the dotted path or remove the entry."
+            ) from exc
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Errors after which the connection is gone and must be opened again."""
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError)
+
+
+@dataclass
+class _Observation:
+    """Filled in from inside the task's execution, read after it, to log how the task ended."""
+
+    outcome: Outcome | None = None
+    error: BaseException | None = None
+
+
+_observation: contextvars.ContextVar[_Observation | None] = contextvars.ContextVar(
+    "absurd_agents_worker_observation", default=None
+)
+
+
+def _observed(execute: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+    async def run() -> Any:
+        seen = _observation.get()
+        if seen is None:
+            return await execute()
+        try:
+            result = await execute()
+        except SuspendTask:
+            seen.outcome = "suspended"
+            raise
+        except CancelledTask:
+            seen.outcome = "cancelled"
+            raise
+        except FailedTask:
+            seen.outcome = "lost"
+            raise
+        except asyncio.CancelledError:
+            seen.outcome = "interrupted"
+            raise
+        except Exception as exc:
+            seen.outcome, seen.error = "failed", exc
+            raise
+        seen.outcome = "completed"
+        return result
+
+    return run
+
+
+def _observing_client(app: ProjectAbsurd, queue: str) -> ProjectAbsurd:
+    """A client for ``queue`` whose task executions report their outcome to the worker.
+
+    The project's own wrapper (lease keeping, the user's ``wrap_task_execution`` hook) stays
+    outermost; the observer sits right around the handler.
+    """
+    client = app.for_queue(queue)
+    inner = client._hooks["wrap_task_execution"]
+
+    async def wrap(ctx: Any, execute: Callable[[], Awaitable[Any]]) -> Any:
+        result = inner(ctx, _observed(execute))
+        return await result if asyncio.iscoroutine(result) else result
+
+    client._hooks = {**client._hooks, "wrap_task_execution": wrap}
+    return client
+
+
+def _close_connections() -> None:
+    connections.close_all()
+
+
+@dataclass
+class _Queue:
+    name: str
+    claimer: ProjectAbsurd
+    executor: ProjectAbsurd
+    failures: int = 0
+    claiming_since: float | None = None
+    idle_generation: int = -1
+
+
+@dataclass
+class _Execution:
+    queue: _Queue
+    task: ClaimedTask
+    started: float = field(default_factory=time.monotonic)
+
+
+class Worker:
+    """Claims and runs tasks from one or more queues until stopped. ``run()`` returns the exit code."""
+
+    def __init__(self, config: WorkerConfig, app: ProjectAbsurd | None = None) -> None:
+        self.config = config
+        self.app = app or absurd
+        self._queues: list[_Queue] = []
+        self._executions: dict[asyncio.Task[None], _Execution] = {}
+        self._reserved = 0
+        self._claimed = 0
+        self._generation = 0
+        self._stopping = False
+        self._grace_deadline: float | None = None
+        self._signals = 0
+        self._changed: asyncio.Condition | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._signalled: asyncio.Event | None = None
+        self.completed = 0
+
+    # --- slots ------------------------------------------------------------------------------------
+
+    def _free_slots(self) -> int:
+        free = self.config.concurrency - len(self._executions) - self._reserved
+        if self.config.max_tasks is not None:
+            free = min(free, self.config.max_tasks - self._claimed - self._reserved)
+        return max(free, 0)
+
+    def _exhausted(self) -> bool:
+        return self.config.max_tasks is not None and self._claimed >= self.config.max_tasks
+
+    # --- stopping ---------------------------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        """Stop claiming; in-flight tasks finish (within the grace period when a signal asked)."""
+        if self._stopping:
+            return
+        self._stopping = True
+        logger.info("Stopping (%s): no new tasks are claimed; %d in flight.", reason, len(self._executions))
+        if self._stop_event is not None:
+            self._stop_event.set()
+        if self._changed is not None:
+            asyncio.get_running_loop().create_task(self._notify())
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        name = signal.Signals(signum).name
+        if self._signals > 1:
+            logger.warning(
+                "Second %s: exiting now; %d in-flight task(s) are resumed by a worker once their leases expire.",
+                name,
+                len(self._executions),
+            )
+            for handler in logging.getLogger("django_absurd_agents").handlers + logging.getLogger().handlers:
+                with contextlib.suppress(Exception):
+                    handler.flush()
+            self._remove_heartbeat()
+            os._exit(128 + signum)
+        self._grace_deadline = time.monotonic() + self.config.shutdown_grace
+        if self._signalled is not None:
+            self._signalled.set()
+        self.request_stop(
+            f"{name}; in-flight tasks get {self.config.shutdown_grace:g}s to finish, send it again to exit at once"
+        )
+
+    async def _notify(self) -> None:
+        assert self._changed is not None
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake up as soon as a stop is requested."""
+        assert self._stop_event is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_event.wait(), seconds)
+
+    # --- the main loop ----------------------------------------------------------------------------
+
+    async def run(self, *, handle_signals: bool = True) -> int:
+        self._changed = asyncio.Condition()
+        self._stop_event = asyncio.Event()
+        self._signalled = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if handle_signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self._on_signal, signum)
+        self._queues = [
+            _Queue(name=q, claimer=self.app.for_queue(q), executor=_observing_client(self.app, q))
+            for q in self.config.queues
+        ]
+        heartbeat: asyncio.Task[None] | None = None
+        try:
+            if not await self._wait_for_database():
+                return 0
+            self._log_banner()
+            heartbeat = asyncio.create_task(self._heartbeat_loop())
+            claimers = [asyncio.create_task(self._claim_loop(queue)) for queue in self._queues]
+            await asyncio.gather(*claimers)
+            if self._exhausted() and not self._stopping:
+                logger.info("Claimed the %d task(s) of --max-tasks; finishing them.", self._claimed)
+            await self._drain()
+            logger.info("Worker %s stopped after %d task(s).", self.config.worker_id, self._claimed)
+            return 0
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heartbeat
+            self._remove_heartbeat()
+            for queue in self._queues:
+                for client in (queue.claimer, queue.executor):
+                    with contextlib.suppress(Exception):
+                        await client.close()
+            if handle_signals:
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(signum)
+
+    async def _wait_for_database(self) -> bool:
+        """Check the queues exist, waiting (with backoff) while the database is unreachable.
+
+        Returns False when a stop was requested before the database answered.
+        """
+        client = self._queues[0].claimer
+        failures = 0
+        while not self._stopping:
+            try:
+                await client._ensure_connected()
+                assert client._conn is not None
+                cursor = await client._conn.execute(
+                    "select queue_name from absurd.queues where queue_name = any(%s)", [list(self.config.queues)]
+                )
+                present = {row[0] for row in await cursor.fetchall()}
+            except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName) as exc:
+                raise WorkerError(
+                    "The Absurd schema is not installed in this database. Run `manage.py migrate` first."
+                ) from exc
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    raise
+                failures += 1
+                delay = self._backoff(failures)
+                logger.warning("Database unreachable (%s); retrying in %.1fs.", _one_line(exc), delay)
+                with contextlib.suppress(Exception):
+                    await client.close()
+                await self._pause(delay)
+                continue
+            missing = [q for q in self.config.queues if q not in present]
+            if missing:
+                raise WorkerError(
+                    f"Queue(s) {', '.join(missing)} do not exist in the database. Add them to "
+                    "ABSURD_AGENTS['QUEUES'] and run `manage.py migrate`, or pass existing queues with --queue."
+                )
+            return True
+        return False
+
+    def _log_banner(self) -> None:
+        registry = self.app._registry
+        served = set(self.config.queues)
+        by_queue: dict[str, list[str]] = {q: [] for q in self.config.queues}
+        elsewhere: list[str] = []
+        for name, registration in sorted(registry.items()):
+            if registration["queue"] in served:
+                by_queue[registration["queue"]].append(name)
+            else:
+                elsewhere.append(f"{name} ({registration['queue']})")
+        tasks = "; ".join(f"{q}: {', '.join(names) or '(none)'}" for q, names in by_queue.items())
+        logger.info(
+            "Worker %s serving queue(s) %s with %d slot(s), claim timeout %ds, poll every %gs%s. Tasks: %s.",
+            self.config.worker_id,
+            ", ".join(self.config.queues),
+            self.config.concurrency,
+            self.config.claim_timeout,
+            self.config.poll_interval,
+            ", burst mode" if self.config.burst else "",
+            tasks,
+        )
+        if elsewhere:
+            logger.info("Registered for queues this worker does not serve: %s.", ", ".join(elsewhere))
+        for queue, names in by_queue.items():
+            if not names:
+                logger.warning(
+                    "No task is registered for queue %r in this process: every task claimed from it will fail as "
+                    "unknown. Register tasks in an installed app's tasks.py or list their modules in "
+                    "ABSURD_AGENTS['TASK_MODULES'].",
+                    queue,
+                )
+
+    @staticmethod
+    def _backoff(failures: int) -> float:
+        delay = min(_BACKOFF_CAP, _BACKOFF_FIRST * 2 ** (failures - 1))
+        return delay * random.uniform(0.8, 1.2)
+
+    async def _claim_loop(self, queue: _Queue) -> None:
+        assert self._changed is not None
+        while True:
+            async with self._changed:
+                await self._changed.wait_for(lambda: self._stopping or self._exhausted() or self._free_slots() > 0)
+                if self._stopping or self._exhausted():
+                    return
+                wanted = self._free_slots()
+                self._reserved += wanted
+                generation = self._generation
+            tasks: list[ClaimedTask] = []
+            error: Exception | None = None
+            queue.claiming_since = time.monotonic()
+            try:
+                tasks = await queue.claimer.claim_tasks(
+                    batch_size=wanted, claim_timeout=self.config.claim_timeout, worker_id=self.config.worker_id
+                )
+            except Exception as exc:
+                error = exc
+            finally:
+                queue.claiming_since = None
+                async with self._changed:
+                    self._reserved -= wanted
+                    self._claimed += len(tasks)
+                    if tasks:
+                        self._generation += 1
+                    for task in tasks:
+                        self._start(queue, task)
+                    self._changed.notify_all()
+            if error is not None:
+                await self._claim_failed(queue, error)
+                continue
+            if queue.failures:
+                logger.info("Queue %s: database reachable again after %d failed claim(s).", queue.name, queue.failures)
+                queue.failures = 0
+            if len(tasks) < wanted:
+                if self.config.burst and not tasks and not self._executions and generation == self._generation:
+                    queue.idle_generation = generation
+                    if all(q.idle_generation == generation for q in self._queues):
+                        self.request_stop("burst mode: every queue is drained")
+                        return
+                await self._pause(self.config.poll_interval)
+
+    async def _claim_failed(self, queue: _Queue, exc: Exception) -> None:
+        queue.failures += 1
+        delay = self._backoff(queue.failures)
+        if is_connection_error(exc):
+            logger.warning(
+                "Queue %s: cannot claim, the database connection failed (%s); reconnecting in %.1fs.",
+                queue.name,
+                _one_line(exc),
+                delay,
+            )
+            with contextlib.suppress(Exception):
+                await queue.claimer.close()
+        else:
+            logger.error("Queue %s: claiming failed; retrying in %.1fs.", queue.name, delay, exc_info=exc)
+        await self._pause(delay)
+
+    # --- executing tasks --------------------------------------------------------------------------
+
+    def _start(self, queue: _Queue, task: ClaimedTask) -> None:
+        execution = _Execution(queue=queue, task=task)
+        runner = asyncio.create_task(self._execute(execution), name=f"absurd task {task['task_id']}")
+        self._executions[runner] = execution
+
+    async def _execute(self, execution: _Execution) -> None:
+        task, queue = execution.task, execution.queue
+        seen = _Observation()
+        _observation.set(seen)
+        logger.info(
+            "task %s name=%s id=%s queue=%s attempt=%s",
+            "retry" if task["attempt"] > 1 else "start",
+            task["task_name"],
+            task["task_id"],
+            queue.name,
+            _attempt(task),
+            extra=_extra(task, queue.name, "started"),
+        )
+        try:
+            async with ThreadSensitiveContext() as thread_context:
+                try:
+                    await queue.executor._ensure_connected()
+                    await queue.executor._execute_task(task, self.config.claim_timeout)
+                finally:
+                    # Sync ORM calls of this task ran on a thread of its own (like an ASGI request);
+                    # that thread ends with the context, so its connections are closed, whatever
+                    # CONN_MAX_AGE says. No thread was started if the task never left the event loop.
+                    if thread_context in SyncToAsync.context_to_thread_executor:
+                        await sync_to_async(_close_connections)()
+        except asyncio.CancelledError:
+            self._log_end(execution, "abandoned", None)
+            raise
+        except Exception as exc:
+            level = logging.WARNING if is_connection_error(exc) else logging.ERROR
+            logger.log(
+                level,
+                "task unrecorded name=%s id=%s queue=%s attempt=%s duration=%.3fs: could not write its outcome "
+                "(%s); it runs again once its lease expires (at most %ds).",
+                task["task_name"],
+                task["task_id"],
+                queue.name,
+                _attempt(task),
+                time.monotonic() - execution.started,
+                _one_line(exc),
+                self.config.claim_timeout,
+                exc_info=None if is_connection_error(exc) else exc,
+                extra=_extra(task, queue.name, "unrecorded"),
+            )
+        else:
+            registration = self.app._registry.get(task["task_name"])
+            if registration is None:
+                self._log_end(execution, "unknown", None)
+            elif registration["queue"] != queue.name:
+                self._log_end(execution, "misrouted", None)
+            else:
+                self._log_end(execution, seen.outcome or "failed", seen.error)
+        finally:
+            self.completed += 1
+            self._executions.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            await self._notify()
+
+    def _log_end(self, execution: _Execution, outcome: str, error: BaseException | None) -> None:
+        task, queue = execution.task, execution.queue.name
+        duration = time.monotonic() - execution.started
+        args: tuple[Any, ...] = (task["task_name"], task["task_id"], queue, _attempt(task), duration)
+        extra = _extra(task, queue, outcome, duration)
+        common = "name=%s id=%s queue=%s attempt=%s duration=%.3fs"
+        if outcome == "completed":
+            logger.info("task completed " + common, *args, extra=extra)
+        elif outcome == "failed":
+            max_attempts = task.get("max_attempts")
+            if max_attempts is None or task["attempt"] < max_attempts:
+                logger.warning(
+                    "task failed " + common + ", will be retried: %s", *args, _one_line(error), extra=extra
+                )
+            else:
+                logger.error(
+                    "task failed " + common + ", no attempts left: %s", *args, _one_line(error), exc_info=error,
+                    extra=extra,
+                )
+        elif outcome == "unknown":
+            logger.error(
+                "task failed " + common + ": no handler is registered for %r in this worker", *args,
+                task["task_name"], extra=extra,
+            )
+        elif outcome == "misrouted":
+            logger.error(
+                "task failed " + common + ": %r is registered for queue %r, not this one", *args,
+                task["task_name"], self.app._registry[task["task_name"]]["queue"], extra=extra,
+            )
+        elif outcome == "suspended":
+            logger.info("task suspended " + common + " (sleeping or waiting for an event)", *args, extra=extra)
+        elif outcome in ("cancelled", "interrupted"):
+            logger.info("task cancelled " + common, *args, extra=extra)
+        elif outcome == "lost":
+            logger.warning("task lost " + common + ": its run was failed elsewhere (lease expired?)", *args, extra=extra)
+        else:
+            logger.warning("task %s " + common, outcome, *args, extra=extra)
+
+    async def _drain(self) -> None:
+        """Wait for in-flight tasks; past the grace deadline, cancel them and put their runs back."""
+        assert self._signalled is not None
+        if self._executions:
+            logger.info("Waiting for %d in-flight task(s) to finish.", len(self._executions))
+        while self._executions:
+            timeout = None if self._grace_deadline is None else self._grace_deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                await self._abandon()
+                return
+            waiters: set[asyncio.Future[Any]] = set(self._executions)
+            signal_waiter: asyncio.Task[bool] | None = None
+            if self._grace_deadline is None:
+                # No deadline yet (burst or --max-tasks is ending): a signal sets one.
+                signal_waiter = asyncio.create_task(self._signalled.wait())
+                waiters.add(signal_waiter)
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if signal_waiter is not None:
+                signal_waiter.cancel()
+
+    async def _abandon(self) -> None:
+        abandoned = list(self._executions.items())
+        logger.warning(
+            "Grace period of %gs is over: cancelling %d task(s) and handing them back to the queue.",
+            self.config.shutdown_grace,
+            len(abandoned),
+        )
+        for runner, _ in abandoned:
+            runner.cancel()
+        await asyncio.gather(*(runner for runner, _ in abandoned), return_exceptions=True)
+        for _, execution in abandoned:
+            await self._release(execution)
+
+    async def _release(self, execution: _Execution) -> None:
+        """Make an abandoned run claimable now instead of after its lease; it keeps its attempt number."""
+        client = execution.queue.claimer
+        try:
+            await client._ensure_connected()
+            assert client._conn is not None
+            await client._conn.execute(
+                "select absurd.schedule_run(%s, %s, absurd.current_time())",
+                [execution.queue.name, execution.task["run_id"]],
+            )
+        except Exception as exc:
+            logger.warning(
+                "Could not hand task %s back (%s); another worker resumes it when its lease expires.",
+                execution.task["task_id"],
+                _one_line(exc),
+            )
+
+    # --- health -----------------------------------------------------------------------------------
+
+    def healthy(self) -> bool:
+        """False when a claim query hangs: the connection is dead in a way the driver cannot see."""
+        now = time.monotonic()
+        return all(q.claiming_since is None or now - q.claiming_since < _STUCK_CLAIM_SECONDS for q in self._queues)
+
+    async def _heartbeat_loop(self) -> None:
+        path = self.config.heartbeat_file
+        if not path:
+            return
+        while True:
+            if self.healthy():
+                try:
+                    await asyncio.to_thread(write_heartbeat, path)
+                except OSError as exc:
+                    logger.warning("Cannot write the heartbeat file %s: %s", path, exc)
+            await asyncio.sleep(self.config.poll_interval)
+
+    def _remove_heartbeat(self) -> None:
+        if self.config.heartbeat_file:
+            with contextlib.suppress(OSError):
+                os.unlink(self.config.heartbeat_file)
+
+
+def write_heartbeat(path: str) -> None:
+    """Replace the file atomically with the current Unix time, so a probe never reads half a line."""
+    target = Path(path)
+    scratch = target.with_name(f".{target.name}.{os.getpid()}")
+    scratch.write_text(f"{time.time():.3f}\n")
+    os.replace(scratch, target)
+
+
+def heartbeat_age(path: str) -> float | None:
+    """Seconds since the worker last wrote ``path``, or None when there is no readable heartbeat."""
+    try:
+        return time.time() - float(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _attempt(task: ClaimedTask) -> str:
+    max_attempts = task.get("max_attempts")
+    return f"{task['attempt']}/{max_attempts}" if max_attempts else str(task["attempt"])
+
+
+def _extra(task: ClaimedTask, queue: str, outcome: str, duration: float | None = None) -> dict[str, Any]:
+    """Structured fields for log handlers that want them (never params or results)."""
+    return {
+        "absurd_task": {
+            "name": task["task_name"],
+            "id": str(task["task_id"]),
+            "run_id": str(task["run_id"]),
+            "queue": queue,
+            "attempt": task["attempt"],
+            "max_attempts": task.get("max_attempts"),
+            "outcome": outcome,
+            "duration": duration,
+        }
+    }
+
+
+def _one_line(exc: BaseException | None) -> str:
+    if exc is None:
+        return "no error recorded"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -1,0 +1,214 @@
+"""The analyst's model: an offline scripted stand-in by default, a real LLM when asked for.
+
+* Default: ``scripted_analyst``, a pydantic-ai ``FunctionModel`` that behaves like a careful analyst
+  (look up figures and news, save one report, answer) after a pause of ``EXAMPLE_MODEL_DELAY``
+  seconds (default 1.5) per call, so a run takes as long as a real one. No key, no network.
+* ``EXAMPLE_MODEL=openai:gpt-5.2`` (any pydantic-ai model name) with the provider's key in the
+  environment (``OPENAI_API_KEY``) uses that model instead; install its extra first
+  (``pip install "pydantic-ai-slim[openai]"``).
+
+Whichever model runs, ``CountedModel`` appends one line to the file named by ``EXAMPLE_CALL_LOG`` for
+every response received, and the tools do the same for every call. ``make demo`` reads that file to
+prove that a killed worker's completed calls were not paid for again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic_ai.messages import (
+    ModelMessage,
+    ModelRequest,
+    ModelResponse,
+    TextPart,
+    ToolCallPart,
+    ToolReturnPart,
+    UserPromptPart,
+)
+from pydantic_ai.models import Model, ModelRequestParameters, infer_model
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.models.wrapper import WrapperModel
+from pydantic_ai.settings import ModelSettings
+
+MODEL_ENV = "EXAMPLE_MODEL"
+DELAY_ENV = "EXAMPLE_MODEL_DELAY"
+CALL_LOG_ENV = "EXAMPLE_CALL_LOG"
+DEFAULT_DELAY = 1.5
+SCRIPTED = "scripted"
+
+
+def model_name() -> str:
+    """The model chosen by ``EXAMPLE_MODEL``; ``scripted`` when unset."""
+    return os.environ.get(MODEL_ENV, "").strip() or SCRIPTED
+
+
+def model_delay() -> float:
+    raw = os.environ.get(DELAY_ENV, "").strip()
+    if not raw:
+        return DEFAULT_DELAY
+    try:
+        delay = float(raw)
+    except ValueError:
+        raise ValueError(f"{DELAY_ENV} must be a number of seconds, like 1.5; it is {raw!r}.") from None
+    return max(delay, 0.0)
+
+
+def describe_model() -> str:
+    name = model_name()
+    if name == SCRIPTED:
+        return f"the offline scripted model, {model_delay():g} s a call (set {MODEL_ENV} to use a real LLM)"
+    return f"{name} (from {MODEL_ENV})"
+
+
+# --- the call log ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Call:
+    kind: str  # "model" or "tool"
+    name: str  # the model call's number in the run, or the tool's name
+    pid: int
+
+
+def log_call(kind: str, name: str) -> None:
+    """Append one call to ``$EXAMPLE_CALL_LOG`` (nothing when unset).
+
+    One ``write`` of one line to a file opened for appending: lines of concurrent processes do not
+    interleave, and a line written before a SIGKILL is in the file.
+    """
+    path = os.environ.get(CALL_LOG_ENV)
+    if not path:
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{kind} {name} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def read_call_log(path: str | Path) -> list[Call]:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return []
+    calls = []
+    for line in text.splitlines():
+        kind, name, pid = line.split(" ")
+        calls.append(Call(kind=kind, name=name, pid=int(pid)))
+    return calls
+
+
+class CountedModel(WrapperModel):
+    """Logs every response received from the wrapped model, numbered by its place in the run.
+
+    A request cut short by a killed process never returns, so it is not logged: the log counts the
+    answers the run used, and a resumed run must not need any of the recorded ones again.
+    """
+
+    async def request(
+        self,
+        messages: list[ModelMessage],
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+    ) -> ModelResponse:
+        response = await super().request(messages, model_settings, model_request_parameters)
+        number = sum(isinstance(message, ModelResponse) for message in messages) + 1
+        log_call("model", str(number))
+        return response
+
+
+def build_model() -> Model:
+    name = model_name()
+    inner: Model = FunctionModel(scripted_analyst, model_name="scripted-analyst") if name == SCRIPTED else infer_model(name)
+    return CountedModel(inner)
+
+
+# --- the scripted analyst ----------------------------------------------------------------------
+
+
+def _prompt(messages: list[ModelMessage]) -> str:
+    for message in messages:
+        if isinstance(message, ModelRequest):
+            for part in message.parts:
+                if isinstance(part, UserPromptPart) and isinstance(part.content, str):
+                    return part.content
+    return ""
+
+
+def _returns(messages: list[ModelMessage]) -> dict[str, ToolReturnPart]:
+    return {
+        part.tool_name: part
+        for message in messages
+        if isinstance(message, ModelRequest)
+        for part in message.parts
+        if isinstance(part, ToolReturnPart)
+    }
+
+
+def _verdict(growth: float, margin: float) -> str:
+    if growth < 0:
+        return "under pressure: revenue is shrinking"
+    if growth > 10 and margin > 10:
+        return "strong: fast growth at a healthy margin"
+    if margin < 0:
+        return "speculative: fast growth, but still losing money"
+    return "steady: modest growth, positive margin"
+
+
+def _summary(figures: dict[str, object], news: list[dict[str, str]]) -> tuple[str, str]:
+    company = str(figures["company"])
+    growth = float(str(figures["revenue_growth_pct"]))
+    margin = float(str(figures["operating_margin_pct"]))
+    cash = float(str(figures["net_cash_musd"]))
+    verdict = _verdict(growth, margin)
+    cash_text = f"net cash of ${cash:,.0f}M" if cash >= 0 else f"net debt of ${-cash:,.0f}M"
+    lines = [
+        f"{company} ({figures['sector']}) made ${float(str(figures['revenue_musd'])):,.0f}M of revenue over the "
+        f"last four quarters, {growth:+.1f}% year on year, at an operating margin of {margin:.1f}%, with {cash_text}.",
+    ]
+    if news:
+        lines.append("Recent news: " + "; ".join(f"{item['headline']} ({item['sentiment']})" for item in news) + ".")
+    lines.append(f"Verdict: {verdict}.")
+    return f"{company}: {verdict.split(':')[0]}", " ".join(lines)
+
+
+async def scripted_analyst(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    """Look up the figures and the news, save one report, then answer; like a model, it only reads messages."""
+    await asyncio.sleep(model_delay())
+    returns = _returns(messages)
+    prompt = _prompt(messages)
+    match = re.search(r"^Company:\s*(.+)$", prompt, re.MULTILINE)
+    company = match.group(1).strip() if match else prompt.strip()
+
+    if "company_figures" not in returns:
+        return ModelResponse(
+            parts=[
+                ToolCallPart("company_figures", {"company": company}),
+                ToolCallPart("recent_news", {"company": company}),
+            ]
+        )
+    figures = returns["company_figures"].model_response_object()
+    if "error" in figures:
+        return ModelResponse(parts=[TextPart(f"I could not find figures for {company}: {figures['error']}")])
+
+    if "save_report" not in returns:
+        news_part = returns.get("recent_news")
+        news = news_part.model_response_object().get("return_value", []) if news_part else []
+        title, summary = _summary(figures, news)
+        return ModelResponse(parts=[ToolCallPart("save_report", {"title": title, "summary": summary})])
+
+    saved = returns["save_report"].model_response_object()
+    question = re.search(r"^Question:\s*(.+)$", prompt, re.MULTILINE)
+    asked = f' You asked: "{question.group(1).strip()}".' if question else ""
+    return ModelResponse(
+        parts=[
+            TextPart(
+                f"I saved report #{saved.get('report_id')}, \"{saved.get('title')}\".{asked} "
+                f"In short: {saved.get('summary')}"
+            )
+        ]
+    )

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from django_absurd_agents.agent import AbsurdAgent
     from django_absurd_agents.client import InvalidParams, ProjectAbsurd, absurd
+    from django_absurd_agents.conversations import register_chat_agent
     from django_absurd_agents.database import database_config
     from django_absurd_agents.durability import AbsurdDurability
     from django_absurd_agents.external_events import (
@@ -30,6 +31,7 @@ __all__ = [
     "database_config",
     "fail_external_event",
     "fail_external_event_sync",
+    "register_chat_agent",
     "resolve_external_event",
     "resolve_external_event_sync",
 ]
@@ -43,6 +45,7 @@ _EXPORTS = {
     "database_config": "django_absurd_agents.database",
     "fail_external_event": "django_absurd_agents.external_events",
     "fail_external_event_sync": "django_absurd_agents.external_events",
+    "register_chat_agent": "django_absurd_agents.conversations",
     "resolve_external_event": "django_absurd_agents.external_events",
     "resolve_external_event_sync": "django_absurd_agents.external_events",
 }

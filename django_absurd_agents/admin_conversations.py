@@ -1,1 +1,196 @@
-"""Admin of conversations (filled in by the conversations feature)."""
+"""Admin of conversations: who talks to which agent, and the transcript of each conversation.
+
+The transcript is built from the stored JSON of each turn's messages rather than from Pydantic AI
+objects, so a history that the installed Pydantic AI cannot load (written by a newer version, say)
+still renders.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.contrib import admin, messages
+from django.contrib.auth import get_user_model
+from django.db.models import Count, QuerySet
+from django.http import HttpRequest
+from django.template.loader import render_to_string
+from django.urls import NoReverseMatch, reverse
+from django.utils.html import format_html
+from django.utils.safestring import SafeString, mark_safe
+
+from django_absurd_agents.models import Conversation, Turn
+
+TRANSCRIPT_TEMPLATE = "admin/absurd_agents/conversation/transcript.html"
+
+
+def task_url(turn: Turn) -> str | None:
+    """The admin page of the turn's Absurd task, when the task admin is installed."""
+    try:
+        return reverse("admin:absurd_agents_absurdtask_detail", args=(turn.queue, str(turn.task_id)))
+    except NoReverseMatch:
+        return None
+
+
+def task_link(turn: Turn) -> SafeString:
+    url = task_url(turn)
+    if url is None:
+        return format_html('<span class="absurd-mono">{}</span>', turn.task_id)
+    return format_html('<a class="absurd-mono" href="{}">{}</a>', url, turn.task_id)
+
+
+def _pretty(value: Any) -> str:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return value
+    return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True)
+
+
+def _text(content: Any) -> str:
+    """A user prompt's content: text as is, multimodal parts summarised."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(_text(item) if isinstance(item, str) else _media(item) for item in content)
+    return _pretty(content)
+
+
+def _media(item: Any) -> str:
+    if isinstance(item, dict):
+        label = item.get("media_type") or item.get("kind") or "content"
+        where = item.get("url") or item.get("identifier") or ""
+        return f"[{label}{' ' + where if where else ''}]"
+    return _pretty(item)
+
+
+def transcript_entries(stored: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Readable entries for a turn's stored messages; a tool's result is shown with its call."""
+    entries: list[dict[str, Any]] = []
+    calls: dict[str, dict[str, Any]] = {}
+    for message in stored:
+        if message.get("kind") == "request" and message.get("instructions"):
+            entries.append({"kind": "instructions", "text": message["instructions"]})
+        for part in message.get("parts") or []:
+            kind = part.get("part_kind")
+            if kind == "system-prompt":
+                entries.append({"kind": "instructions", "text": part.get("content", "")})
+            elif kind == "user-prompt":
+                entries.append({"kind": "user", "text": _text(part.get("content"))})
+            elif kind == "text":
+                entries.append({"kind": "assistant", "text": part.get("content", "")})
+            elif kind == "thinking":
+                entries.append({"kind": "thinking", "text": part.get("content", "")})
+            elif kind in ("tool-call", "builtin-tool-call"):
+                call = {
+                    "kind": "tool",
+                    "name": part.get("tool_name", ""),
+                    "args": _pretty(part.get("args") or {}),
+                    "result": None,
+                    "failed": False,
+                }
+                calls[str(part.get("tool_call_id"))] = call
+                entries.append(call)
+            elif kind in ("tool-return", "builtin-tool-return"):
+                result = _pretty(part.get("content"))
+                failed = part.get("outcome") not in (None, "success")
+                matched = calls.get(str(part.get("tool_call_id")))
+                if matched is None:
+                    entries.append(
+                        {
+                            "kind": "tool",
+                            "name": part.get("tool_name", ""),
+                            "args": None,
+                            "result": result,
+                            "failed": failed,
+                        }
+                    )
+                else:
+                    matched.update(result=result, failed=failed)
+            elif kind == "retry-prompt":
+                entries.append(
+                    {"kind": "retry", "name": part.get("tool_name") or "", "text": _pretty(part.get("content"))}
+                )
+            elif kind == "file":
+                entries.append({"kind": "assistant", "text": _media(part.get("content"))})
+    return entries
+
+
+def render_transcript(conversation: Conversation) -> str:
+    turns = []
+    for turn in Turn.objects.filter(conversation=conversation).order_by("sequence"):
+        entries = transcript_entries(turn.new_messages or [])
+        if not any(entry["kind"] == "user" for entry in entries):
+            entries.insert(0, {"kind": "user", "text": turn.prompt})
+        turns.append({"turn": turn, "entries": entries, "task_url": task_url(turn), "usage": turn.usage or {}})
+    return render_to_string(TRANSCRIPT_TEMPLATE, {"turns": turns})
+
+
+class ConversationAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("__str__", "owner", "agent", "turn_count", "last_activity")
+    list_filter = ("agent",)
+    list_select_related = ("owner",)
+    search_fields = ("title", f"owner__{get_user_model().USERNAME_FIELD}")
+    fields = ("title", "agent", "owner", "metadata", "id", "created_at", "updated_at", "transcript")
+    readonly_fields = ("id", "agent", "owner", "created_at", "updated_at", "transcript")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Conversation]:
+        return super().get_queryset(request).annotate(turn_count=Count("turns"))
+
+    @admin.display(description="Turns", ordering="turn_count")
+    def turn_count(self, obj: Any) -> int:
+        return int(obj.turn_count)
+
+    @admin.display(description="Last activity", ordering="updated_at")
+    def last_activity(self, obj: Conversation) -> Any:
+        return obj.updated_at
+
+    @admin.display(description="Transcript")
+    def transcript(self, obj: Conversation) -> SafeString:
+        if obj.pk is None:
+            return mark_safe("")
+        return mark_safe(render_transcript(obj))  # the template escapes every stored value
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # conversations are started by the application, with an owner and an agent
+
+
+class TurnAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("__str__", "conversation", "state", "prompt_start", "created_at", "finished_at", "task")
+    list_filter = ("state",)
+    list_select_related = ("conversation",)
+    search_fields = ("prompt", "conversation__title")
+    readonly_fields = [field.name for field in Turn._meta.fields] + ["task"]
+    actions = ("retry_turns", "cancel_turns")
+
+    @admin.display(description="Prompt")
+    def prompt_start(self, obj: Turn) -> str:
+        return obj.prompt if len(obj.prompt) <= 80 else obj.prompt[:79] + "…"
+
+    @admin.display(description="Absurd task")
+    def task(self, obj: Turn) -> SafeString:
+        return task_link(obj)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # a turn is created by Conversation.send(), together with its task
+
+    @admin.action(description="Retry the selected failed or cancelled turns", permissions=["change"])
+    def retry_turns(self, request: HttpRequest, queryset: QuerySet[Turn]) -> None:
+        retried = 0
+        for turn in queryset.filter(state__in=(Turn.State.FAILED, Turn.State.CANCELLED)):
+            turn.retry()
+            retried += 1
+        self.message_user(request, f"{retried} turn(s) queued again.", messages.SUCCESS)
+
+    @admin.action(description="Cancel the selected unfinished turns", permissions=["change"])
+    def cancel_turns(self, request: HttpRequest, queryset: QuerySet[Turn]) -> None:
+        cancelled = 0
+        for turn in queryset.filter(state__in=(Turn.State.PENDING, Turn.State.RUNNING)):
+            turn.cancel()
+            cancelled += 1
+        self.message_user(request, f"{cancelled} turn(s) cancelled.", messages.SUCCESS)
+
+
+admin.site.register(Conversation, ConversationAdmin)
+admin.site.register(Turn, TurnAdmin)

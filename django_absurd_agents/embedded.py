@@ -13,7 +13,8 @@ the data directory, and it leaves the server running after its parent dies. Here
   SIGINT, PostgreSQL's *fast* shutdown: clients are disconnected, the server's own children exit
   and the next start needs no crash recovery. (SIGTERM would wait for every client to leave, so a
   connection held by another process would keep the server alive forever; SIGKILL would orphan the
-  backends and block the next start on their shared memory.)
+  backends and block the next start on their shared memory.) Without ``prctl`` (macOS) only the
+  ``atexit`` stop remains, which a SIGKILL skips.
 * Other processes that call :func:`ensure_server` on the same directory find the running server and
   use it without owning it. A ``flock`` serialises the check-and-start, so two processes never both
   start one. The owner must outlive the processes that use the server: start it in the longest
@@ -818,7 +819,9 @@ def _cmd_start(data_dir: str | None, database: str | None) -> int:
         print(f"already running (pid {server.pid}), started by another process", file=sys.stderr)
         return 0
     print(f"PostgreSQL pid {server.pid}, data {server.data_dir}; Ctrl-C stops it.", file=sys.stderr, flush=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Also when started in the background, where the shell hands us SIGINT already ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     assert server._process is not None
     try:
         returncode = server._process.wait()

@@ -9,8 +9,10 @@ fresh catalog and run again, so a page never breaks, nor goes empty, because of 
 
 Paging is by keyset on ``task_id``: Absurd's ids are UUIDv7, so id order is spawn order, and each
 queue's primary key index serves "the newest N tasks before this id" without touching the rest of
-the table. Totals are exact only up to ``COUNT_CAP`` rows; past that, an unfiltered list shows the
-planner's estimate (``pg_class.reltuples``) and a filtered one says "more than".
+the table. Totals are exact up to ``EXACT_TOTAL_ROWS`` tasks (unfiltered) or ``COUNT_CAP`` matches
+(filtered); past that, an unfiltered list shows the planner's estimate (``pg_class.reltuples``) and a
+filtered one says "more than". A text search in params reads every row (there is no index for it)
+and counts nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import datetime
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from django.db import ProgrammingError, transaction
 
@@ -29,16 +31,18 @@ STATES: tuple[str, ...] = ("pending", "running", "sleeping", "completed", "faile
 ACTIVE_STATES: tuple[str, ...] = ("pending", "running", "sleeping")
 FINISHED_STATES: tuple[str, ...] = ("completed", "failed", "cancelled")
 
-COUNT_CAP = 10_000
+COUNT_CAP = 1_000
 """Filtered totals are counted exactly up to this many rows, then shown as "more than"."""
+
+EXACT_TOTAL_ROWS = 20_000
+"""Unfiltered totals are counted exactly while the queues are estimated to hold at most this many tasks
+(an index-only count, a few milliseconds); above it the planner's estimate is shown instead."""
 
 SMALL_TABLE_ROWS = 10_000
 """Below this many rows (estimated) a queue's task names are read exactly instead of from statistics."""
 
 _UNDEFINED_TABLE = "42P01"
 _RETRIES_ON_DROPPED_QUEUE = 3
-
-T = TypeVar("T")
 
 
 def quote_ident(name: str) -> str:
@@ -78,7 +82,7 @@ def _is_undefined_table(exc: BaseException) -> bool:
     return getattr(cause, "sqlstate", None) == _UNDEFINED_TABLE
 
 
-def over_queues(queues: Sequence[str] | None, run: Callable[[list[str]], T]) -> T:
+def over_queues[T](queues: Sequence[str] | None, run: Callable[[list[str]], T]) -> T:
     """Run ``run(queues)`` (SQL over those queues' tables), surviving a queue dropped meanwhile.
 
     ``queues=None`` means every queue. Each attempt is a savepoint, so a failed statement does not
@@ -109,6 +113,10 @@ class TaskFilters:
     created_since: datetime.datetime | None = None
     created_before: datetime.datetime | None = None
     search: str | None = None
+
+    @property
+    def is_text_search(self) -> bool:
+        return bool(self.search) and parse_uuid(self.search) is None
 
     @property
     def narrows_rows(self) -> bool:
@@ -250,7 +258,7 @@ def task_page(
                 f"order by t.task_id {direction} limit %s)"
             )
             params.extend([queue, *where_params, per_page + 1])
-        sql = " union all ".join(branches) + f" order by 2 {direction} limit %s"
+        sql = f"select * from ({' union all '.join(branches)}) listed order by task_id {direction} limit %s"
         params.append(per_page + 1)
         with _cursor() as cursor:
             cursor.execute(sql, params)
@@ -289,11 +297,19 @@ def task_page(
 
 
 def _estimated_rows(queues: Iterable[str], prefix: str = "t") -> dict[str, float]:
-    """The planner's row estimate of each queue's table (-1 when the table was never analysed)."""
+    """The planner's row estimate of each queue's table (-1 when the table was never analysed).
+
+    Like the planner, the density measured by the last ANALYZE is scaled to the table's current size,
+    so a table that grew since is not under-counted.
+    """
     names = [f"{prefix}_{queue}" for queue in queues]
     with _cursor() as cursor:
         cursor.execute(
-            "select c.relname, c.reltuples from pg_class c join pg_namespace n on n.oid = c.relnamespace "
+            "select c.relname, case when c.reltuples < 0 then -1 "
+            "when c.relpages > 0 then c.reltuples / c.relpages "
+            "* (pg_relation_size(c.oid) / current_setting('block_size')::float8) "
+            "else c.reltuples end "
+            "from pg_class c join pg_namespace n on n.oid = c.relnamespace "
             "where n.nspname = 'absurd' and c.relname = any(%s)",
             [names],
         )
@@ -302,10 +318,14 @@ def _estimated_rows(queues: Iterable[str], prefix: str = "t") -> dict[str, float
 
 
 def _fill_total(page: TaskPage, filters: TaskFilters, queues: list[str]) -> None:
+    if filters.is_text_search:
+        return  # a text search reads every row's params already once for the page; no second pass to count
+    cap = COUNT_CAP
     if not filters.narrows_rows:
+        cap = EXACT_TOTAL_ROWS
         estimates = _estimated_rows(queues)
-        if all(value >= 0 for value in estimates.values()) and sum(estimates.values()) > COUNT_CAP:
-            page.total = int(sum(estimates.values()))
+        if all(value >= 0 for value in estimates.values()) and sum(estimates.values()) > EXACT_TOTAL_ROWS:
+            page.total = round(sum(estimates.values()))
             page.total_is_estimate = True
             return
     clauses, where_params = _where(filters)
@@ -314,12 +334,12 @@ def _fill_total(page: TaskPage, filters: TaskFilters, queues: list[str]) -> None
     params: list[Any] = []
     for queue in queues:
         branches.append(f"(select 1 from {table('t', queue)} t{where} limit %s)")
-        params.extend([*where_params, COUNT_CAP + 1])
+        params.extend([*where_params, cap + 1])
     with _cursor() as cursor:
         cursor.execute(f"select count(*) from ({' union all '.join(branches)}) counted", params)
         count = int(cursor.fetchone()[0])
-    if count > COUNT_CAP:
-        page.total = COUNT_CAP
+    if count > cap:
+        page.total = cap
         page.total_is_lower_bound = True
     else:
         page.total = count
@@ -365,7 +385,7 @@ class Run:
     state: str
     claimed_by: str | None
     claim_expires_at: datetime.datetime | None
-    available_at: datetime.datetime
+    available_at: datetime.datetime | None  # None: sleeping until an event, without a timeout
     wake_event: str | None
     event_payload: Any
     started_at: datetime.datetime | None
@@ -515,8 +535,8 @@ def task_detail(queue: str, task_id: uuid.UUID) -> TaskDetail | None:
                 idempotency_key=row[13],
             )
             cursor.execute(
-                "select run_id, attempt, state, claimed_by, claim_expires_at, available_at, wake_event, "
-                "event_payload, started_at, completed_at, failed_at, result, failure_reason, created_at "
+                "select run_id, attempt, state, claimed_by, claim_expires_at, nullif(available_at, 'infinity'), "
+                "wake_event, event_payload, started_at, completed_at, failed_at, result, failure_reason, created_at "
                 f"from {table('r', queue)} where task_id = %s order by attempt, created_at, run_id",
                 [task_id],
             )
@@ -551,7 +571,7 @@ def task_detail(queue: str, task_id: uuid.UUID) -> TaskDetail | None:
                 for c in cursor.fetchall()
             ]
             cursor.execute(
-                "select w.run_id, w.step_name, w.event_name, w.timeout_at, w.created_at, "
+                "select w.run_id, w.step_name, w.event_name, nullif(w.timeout_at, 'infinity'), w.created_at, "
                 "e.payload is not null, e.payload, case when e.payload is not null then e.emitted_at end "
                 f"from {table('w', queue)} w left join {table('e', queue)} e on e.event_name = w.event_name "
                 "where w.task_id = %s order by w.created_at, w.step_name",
@@ -617,7 +637,11 @@ def event(queue: str, name: str) -> Event | None:
         if row is None:
             return None
         return Event(
-            queue=queue, name=name, emitted=bool(row[0]), payload=load_json(row[1]), emitted_at=row[2] if row[0] else None
+            queue=queue,
+            name=name,
+            emitted=bool(row[0]),
+            payload=load_json(row[1]),
+            emitted_at=row[2] if row[0] else None,
         )
 
     return over_queues([queue], run)
@@ -678,7 +702,12 @@ def overview() -> list[QueueOverview]:
             now = cursor.fetchone()[0]
             by_queue = {
                 q: QueueOverview(
-                    queue=q, counts={}, oldest_pending_at=None, failed_runs_last_hour=0, tasks_failed_last_hour=0, now=now
+                    queue=q,
+                    counts={},
+                    oldest_pending_at=None,
+                    failed_runs_last_hour=0,
+                    tasks_failed_last_hour=0,
+                    now=now,
                 )
                 for q in queues
             }
@@ -710,4 +739,3 @@ def overview() -> list[QueueOverview]:
         return [by_queue[q] for q in queues]
 
     return over_queues(None, run)
-

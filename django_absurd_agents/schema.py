@@ -6,7 +6,9 @@ The SQL itself always comes from the installed ``absurdctl`` package (``BUNDLED_
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from typing import Any
 
 import absurdctl
 from django.db import transaction
@@ -17,6 +19,13 @@ EXPECTED_VERSION: str = absurdctl.ABSURD_SCHEMA_TARGET_VERSION
 
 # Serialises queue provisioning when two deploys run ``migrate`` at the same moment.
 _PROVISION_LOCK_KEY = 0x61627375726421  # "absurd!"
+
+
+SCHEMA_DROP_REFUSED = (
+    "Reversing the migration absurd_agents.0001_absurd_schema drops the 'absurd' schema and every task, run, "
+    'checkpoint and event in it. Set ABSURD_AGENTS = {"ALLOW_SCHEMA_DROP": True} in settings to allow it, then '
+    "run the command again."
+)
 
 
 class SchemaVersionError(RuntimeError):
@@ -67,10 +76,11 @@ def install_or_adopt(connection: BaseDatabaseWrapper) -> str:
 def upgrade(connection: BaseDatabaseWrapper, from_version: str, to_version: str) -> str:
     """Run absurdctl's bundled upgrade script ``<from>-<to>.sql`` when the database is at ``from_version``.
 
-    A database already at ``to_version`` (fresh installs run 0001 with the newer SQL) is left alone.
+    A database already at ``to_version`` or past it is left alone: fresh installs run 0001 with the
+    newest bundled SQL, so every upgrade migration after it finds the schema current.
     """
     version = installed_version(connection)
-    if version == to_version:
+    if version is not None and _version_key(version) >= _version_key(to_version):
         return "current"
     if version != from_version:
         raise SchemaVersionError(
@@ -86,6 +96,30 @@ def upgrade(connection: BaseDatabaseWrapper, from_version: str, to_version: str)
     with connection.cursor() as cursor:
         cursor.execute(script)
     return "upgraded"
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    """``"0.5.1"`` -> ``(0, 5, 1)``; a suffix after the numbers (``"0.6.0rc1"``) is ignored."""
+    match = re.match(r"\d+(?:\.\d+)*", version)
+    return tuple(int(part) for part in match.group(0).split(".")) if match else ()
+
+
+def refuse_schema_drop(sender: Any, plan: Any = None, **kwargs: Any) -> None:
+    """``pre_migrate`` receiver: stop a plan that unapplies 0001 before any of it runs.
+
+    The check inside 0001 alone comes too late: ``migrate absurd_agents zero`` unapplies the app's
+    later migrations first, each in its own transaction, and would drop their tables (conversations)
+    before reaching 0001 and refusing.
+    """
+    from django.core.management.base import CommandError
+
+    from django_absurd_agents import conf
+
+    if conf.get().allow_schema_drop:
+        return
+    for migration, backwards in plan or ():
+        if backwards and (migration.app_label, migration.name) == ("absurd_agents", "0001_absurd_schema"):
+            raise CommandError(SCHEMA_DROP_REFUSED)
 
 
 def drop(connection: BaseDatabaseWrapper) -> None:

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import contextvars
 import importlib
+import inspect
 import logging
 import os
 import random
@@ -28,6 +29,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +39,7 @@ from absurd_sdk import CancelledTask, ClaimedTask, FailedTask, SuspendTask
 from asgiref.sync import SyncToAsync, ThreadSensitiveContext, sync_to_async
 from django.db import connections
 from django.utils.module_loading import autodiscover_modules
+from pydantic_ai import Agent
 
 from django_absurd_agents import conf
 from django_absurd_agents.client import ProjectAbsurd, absurd
@@ -69,6 +72,8 @@ class WorkerConfig:
     burst: bool = False
     max_tasks: int | None = None
     heartbeat_file: str | None = None
+    connections: int = 0
+    """Database connections per queue for running tasks; 0 means one per 4 slots, at most 8."""
 
     @classmethod
     def from_settings(
@@ -83,6 +88,7 @@ class WorkerConfig:
         burst: bool = False,
         max_tasks: int | None = None,
         heartbeat_file: str | None = None,
+        connections: int | None = None,
     ) -> WorkerConfig:
         settings = conf.get()
         config = cls(
@@ -95,6 +101,7 @@ class WorkerConfig:
             burst=burst,
             max_tasks=max_tasks,
             heartbeat_file=heartbeat_file or settings.heartbeat_file,
+            connections=connections or 0,
         )
         config.validate()
         return config
@@ -115,6 +122,19 @@ class WorkerConfig:
             raise WorkerError(f"The shutdown grace period cannot be negative ({self.shutdown_grace}).")
         if self.max_tasks is not None and self.max_tasks < 1:
             raise WorkerError(f"--max-tasks must be at least 1, not {self.max_tasks}.")
+        if self.connections < 0:
+            raise WorkerError(f"The number of connections cannot be negative ({self.connections}).")
+
+    @property
+    def execution_connections(self) -> int:
+        """Connections per queue that running tasks share (opened only as load needs them).
+
+        A task writes its checkpoints and outcome through one connection, and psycopg runs one
+        query at a time per connection, so a single connection caps a queue at a few hundred
+        short tasks a second whatever the concurrency (bench/bench_worker.py). Slow agent runs
+        need few; a small pool keeps short tasks from queueing behind each other's writes.
+        """
+        return self.connections or min(8, max(1, -(-self.concurrency // 4)))
 
 
 def discover_tasks(extra_modules: Iterable[str] | None = None) -> None:
@@ -202,14 +222,45 @@ def _close_connections() -> None:
     connections.close_all()
 
 
+# Recent asgiref lets a ThreadSensitiveContext run on an executor the caller owns; older ones start their own thread.
+_CONTEXT_TAKES_EXECUTOR = "executor" in inspect.signature(ThreadSensitiveContext.__init__).parameters
+
+
+class _TaskThread(ThreadPoolExecutor):
+    """The one thread a task's synchronous code runs on, started only if the task has any.
+
+    Django's ``sync_to_async`` (and so the async ORM) and pydantic-ai's sync tools and callbacks
+    all run here, so a task uses one Django connection of its own, like a request under ASGI, and
+    the worker closes it when the task ends. Left to themselves, sync tools would run on anyio's
+    shared threads, whose connections stay open, go stale across a database restart, and add up.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1, thread_name_prefix="absurd-task")
+        self.used = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        self.used = True
+        return super().submit(fn, *args, **kwargs)
+
+
 @dataclass
 class _Queue:
     name: str
     claimer: ProjectAbsurd
-    executor: ProjectAbsurd
+    executors: list[ProjectAbsurd]
+    running: dict[int, int] = field(default_factory=dict)
     failures: int = 0
     claiming_since: float | None = None
     idle_generation: int = -1
+
+    def pick_executor(self) -> int:
+        """The least busy execution client; among equals one already connected, so idle ones stay closed."""
+
+        def load(index: int) -> tuple[int, bool]:
+            return self.running.get(index, 0), self.executors[index]._conn is None
+
+        return min(range(len(self.executors)), key=load)
 
 
 @dataclass
@@ -236,7 +287,6 @@ class Worker:
         self._changed: asyncio.Condition | None = None
         self._stop_event: asyncio.Event | None = None
         self._signalled: asyncio.Event | None = None
-        self.completed = 0
 
     # --- slots ------------------------------------------------------------------------------------
 
@@ -304,10 +354,7 @@ class Worker:
         if handle_signals:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._on_signal, signum)
-        self._queues = [
-            _Queue(name=q, claimer=self.app.for_queue(q), executor=_observing_client(self.app, q))
-            for q in self.config.queues
-        ]
+        self._queues = [self._make_queue(name) for name in self.config.queues]
         heartbeat: asyncio.Task[None] | None = None
         try:
             if not await self._wait_for_database():
@@ -328,12 +375,18 @@ class Worker:
                     await heartbeat
             self._remove_heartbeat()
             for queue in self._queues:
-                for client in (queue.claimer, queue.executor):
+                for client in (queue.claimer, *queue.executors):
                     with contextlib.suppress(Exception):
                         await client.close()
             if handle_signals:
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(signum)
+
+    def _make_queue(self, name: str) -> _Queue:
+        # Claims go through a connection of their own, so a poll never waits behind the checkpoint
+        # writes of running tasks.
+        executors = [_observing_client(self.app, name) for _ in range(self.config.execution_connections)]
+        return _Queue(name=name, claimer=self.app.for_queue(name), executors=executors)
 
     async def _wait_for_database(self) -> bool:
         """Check the queues exist, waiting (with backoff) while the database is unreachable.
@@ -385,10 +438,12 @@ class Worker:
                 elsewhere.append(f"{name} ({registration['queue']})")
         tasks = "; ".join(f"{q}: {', '.join(names) or '(none)'}" for q, names in by_queue.items())
         logger.info(
-            "Worker %s serving queue(s) %s with %d slot(s), claim timeout %ds, poll every %gs%s. Tasks: %s.",
+            "Worker %s serving queue(s) %s with %d slot(s) (up to %d database connections per queue), "
+            "claim timeout %ds, poll every %gs%s. Tasks: %s.",
             self.config.worker_id,
             ", ".join(self.config.queues),
             self.config.concurrency,
+            self.config.execution_connections + 1,
             self.config.claim_timeout,
             self.config.poll_interval,
             ", burst mode" if self.config.burst else "",
@@ -489,16 +544,23 @@ class Worker:
             _attempt(task),
             extra=_extra(task, queue.name, "started"),
         )
+        index = queue.pick_executor()
+        queue.running[index] = queue.running.get(index, 0) + 1
+        client = queue.executors[index]
+        thread = _TaskThread()
         try:
-            async with ThreadSensitiveContext() as thread_context:
+            context = ThreadSensitiveContext(executor=thread) if _CONTEXT_TAKES_EXECUTOR else ThreadSensitiveContext()
+            async with context as thread_context:
                 try:
-                    await queue.executor._ensure_connected()
-                    await queue.executor._execute_task(task, self.config.claim_timeout)
+                    with Agent.using_thread_executor(thread):
+                        await client._ensure_connected()
+                        await client._execute_task(task, self.config.claim_timeout)
                 finally:
-                    # Sync ORM calls of this task ran on a thread of its own (like an ASGI request);
-                    # that thread ends with the context, so its connections are closed, whatever
-                    # CONN_MAX_AGE says. No thread was started if the task never left the event loop.
-                    if thread_context in SyncToAsync.context_to_thread_executor:
+                    # The task's thread ends with it, so its connections are closed whatever
+                    # CONN_MAX_AGE says.
+                    if thread.used:
+                        await asyncio.get_running_loop().run_in_executor(thread, _close_connections)
+                    if not _CONTEXT_TAKES_EXECUTOR and thread_context in SyncToAsync.context_to_thread_executor:
                         await sync_to_async(_close_connections)()
         except asyncio.CancelledError:
             self._log_end(execution, "abandoned", None)
@@ -528,7 +590,8 @@ class Worker:
             else:
                 self._log_end(execution, seen.outcome or "failed", seen.error)
         finally:
-            self.completed += 1
+            thread.shutdown(wait=False)
+            queue.running[index] -= 1
             self._executions.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             await self._notify()
 
@@ -543,30 +606,38 @@ class Worker:
         elif outcome == "failed":
             max_attempts = task.get("max_attempts")
             if max_attempts is None or task["attempt"] < max_attempts:
-                logger.warning(
-                    "task failed " + common + ", will be retried: %s", *args, _one_line(error), extra=extra
-                )
+                logger.warning("task failed " + common + ", will be retried: %s", *args, _one_line(error), extra=extra)
             else:
                 logger.error(
-                    "task failed " + common + ", no attempts left: %s", *args, _one_line(error), exc_info=error,
+                    "task failed " + common + ", no attempts left: %s",
+                    *args,
+                    _one_line(error),
+                    exc_info=error,
                     extra=extra,
                 )
         elif outcome == "unknown":
             logger.error(
-                "task failed " + common + ": no handler is registered for %r in this worker", *args,
-                task["task_name"], extra=extra,
+                "task failed " + common + ": no handler is registered for %r in this worker",
+                *args,
+                task["task_name"],
+                extra=extra,
             )
         elif outcome == "misrouted":
             logger.error(
-                "task failed " + common + ": %r is registered for queue %r, not this one", *args,
-                task["task_name"], self.app._registry[task["task_name"]]["queue"], extra=extra,
+                "task failed " + common + ": %r is registered for queue %r, not this one",
+                *args,
+                task["task_name"],
+                self.app._registry[task["task_name"]]["queue"],
+                extra=extra,
             )
         elif outcome == "suspended":
             logger.info("task suspended " + common + " (sleeping or waiting for an event)", *args, extra=extra)
         elif outcome in ("cancelled", "interrupted"):
             logger.info("task cancelled " + common, *args, extra=extra)
         elif outcome == "lost":
-            logger.warning("task lost " + common + ": its run was failed elsewhere (lease expired?)", *args, extra=extra)
+            logger.warning(
+                "task lost " + common + ": its run was failed elsewhere (lease expired?)", *args, extra=extra
+            )
         else:
             logger.warning("task %s " + common, outcome, *args, extra=extra)
 

@@ -6,6 +6,8 @@ Every wait polls with a deadline; nothing sleeps to synchronise.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import signal
@@ -129,19 +131,41 @@ OWNER = """
 """
 
 
+def stop_and_wait(requested: Path) -> None:
+    """Leave no server for ``requested`` behind, whoever started it."""
+    layout = embedded._layout(requested, embedded._default_run_as())
+    with contextlib.redirect_stderr(io.StringIO()):
+        embedded.main(["--data-dir", str(requested), "stop"])
+    wait_for(lambda: not postgres_processes(layout.data), what="postgres to stop in teardown")
+
+
+@pytest.fixture(scope="module")
+def cluster_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One cluster shared by the module's tests, so that only the first pays for initdb."""
+    requested = tmp_path_factory.mktemp("cluster") / "pg"
+    yield requested
+    stop_and_wait(requested)
+    shutil.rmtree(embedded._tmp_area(requested), ignore_errors=True)
+
+
 @pytest.fixture
-def pg_dir(tmp_path: Path) -> Iterator[Path]:
-    """A data directory; afterwards no server may remain and the /tmp fallback area is removed."""
+def pg_dir(cluster_dir: Path) -> Iterator[Path]:
+    """The shared cluster, stopped again after each test: tests start it themselves."""
+    yield cluster_dir
+    stop_and_wait(cluster_dir)
+
+
+@pytest.fixture
+def fresh_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory without a cluster (cold start); removed with its /tmp fallback area afterwards."""
     requested = tmp_path / "pg"
     yield requested
-    layout = embedded._layout(requested, embedded._default_run_as())
-    embedded.main(["--data-dir", str(requested), "stop"])
-    wait_for(lambda: not postgres_processes(layout.data), what="postgres to stop in teardown")
-    shutil.rmtree(embedded._tmp_area(layout.requested), ignore_errors=True)
+    stop_and_wait(requested)
+    shutil.rmtree(embedded._tmp_area(requested), ignore_errors=True)
 
 
-def test_start_connect_select(pg_dir: Path) -> None:
-    server = ensure_server(pg_dir)
+def test_start_connect_select(fresh_dir: Path) -> None:
+    server = ensure_server(fresh_dir)
     try:
         assert server.owned
         assert select_one(server) == 1
@@ -155,14 +179,14 @@ def test_start_connect_select(pg_dir: Path) -> None:
         server.create_database("absurd_test")
         server.create_database("absurd_test")  # idempotent
         assert select_one(server, "absurd_test") == 1
-        assert ensure_server(pg_dir) is server  # cached in the owning process
-        assert find_server(pg_dir) is not None
+        assert ensure_server(fresh_dir) is server  # cached in the owning process
+        assert find_server(fresh_dir) is not None
     finally:
         server.stop()
     assert not proc_running(server.pid)
-    assert find_server(pg_dir) is None
+    assert find_server(fresh_dir) is None
 
-    warm = ensure_server(pg_dir)  # restart on the existing cluster
+    warm = ensure_server(fresh_dir)  # restart on the existing cluster
     try:
         assert warm.owned and warm.pid != server.pid
         assert select_one(warm, "absurd_test") == 1
@@ -301,10 +325,10 @@ def test_server_started_from_a_thread_outlives_the_thread(pg_dir: Path) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the unprivileged user is chosen under root only")
 def test_root_runs_postgres_as_nobody_when_there_is_no_postgres_user(
-    pg_dir: Path, monkeypatch: pytest.MonkeyPatch
+    fresh_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(embedded, "_RUN_AS_CANDIDATES", ("nobody",))
-    server = ensure_server(pg_dir)
+    server = ensure_server(fresh_dir)
     try:
         uid_line = next(
             line for line in Path(f"/proc/{server.pid}/status").read_text().splitlines() if line.startswith("Uid:")
@@ -314,6 +338,35 @@ def test_root_runs_postgres_as_nobody_when_there_is_no_postgres_user(
         assert int(uid_line.split()[1]) == nobody.uid
         assert server.data_dir.stat().st_uid == nobody.uid
         assert server.base_dir.stat().st_uid == 0  # only data/ and run/ are given away
+        assert select_one(server) == 1
+    finally:
+        server.stop()
+
+
+def test_embedded_database_url_uses_the_env_dir(pg_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(embedded.DATA_DIR_ENV, str(pg_dir))
+    url = embedded.embedded_database_url("absurd_agents_x")
+    server = ensure_server()
+    try:
+        assert url == server.url("absurd_agents_x")
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT current_database()").fetchone() == ("absurd_agents_x",)
+    finally:
+        server.stop()
+
+
+def test_start_failure_reports_the_log_tail(pg_dir: Path) -> None:
+    ensure_server(pg_dir).stop()  # make sure the cluster exists
+    conf = embedded._layout(pg_dir, embedded._default_run_as()).data / "postgresql.auto.conf"
+    original = conf.read_bytes()
+    conf.write_bytes(original + b"no_such_setting_for_the_test = 1\n")
+    try:
+        with pytest.raises(EmbeddedPostgresError, match="no_such_setting_for_the_test"):
+            ensure_server(pg_dir)
+    finally:
+        conf.write_bytes(original)
+    server = ensure_server(pg_dir)
+    try:
         assert select_one(server) == 1
     finally:
         server.stop()

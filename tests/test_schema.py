@@ -103,6 +103,13 @@ def applied(url: str, app: str = "absurd_agents") -> list[str]:
     return [row[0] for row in fetch(url, "select name from django_migrations where app = %s order by id", [app])]
 
 
+def app_tables(url: str) -> list[str]:
+    return [
+        row[0]
+        for row in fetch(url, "select tablename from pg_tables where tablename like 'absurd\\_agents\\_%' order by 1")
+    ]
+
+
 def install_bundled_schema(conn: psycopg.Connection[Any], schema_sql: str) -> None:
     """What ``absurdctl init`` does: the whole schema script in one transaction."""
     with conn.transaction():
@@ -191,11 +198,16 @@ def test_reversing_refuses_by_default_and_drops_only_when_allowed(scratch_db: st
     with psycopg.connect(scratch_db, autocommit=True) as conn:
         Absurd(conn, queue_name="agents").spawn("analyse", {"question": "precious"}, queue="agents")
 
+    migrations_before = applied(scratch_db)
+    tables_before = app_tables(scratch_db)
+
     refused = manage(scratch_db, "migrate", "absurd_agents", "zero", "--noinput")
     assert refused.returncode != 0
     assert "ALLOW_SCHEMA_DROP" in refused.stderr
-    assert "0001_absurd_schema" in applied(scratch_db)
     assert fetch(scratch_db, "select count(*) from absurd.t_agents") == [(1,)]
+    # Refused before anything ran: the app's own tables (conversations, ...) are not dropped either.
+    assert applied(scratch_db) == migrations_before
+    assert app_tables(scratch_db) == tables_before
 
     ok(manage(scratch_db, "migrate", "absurd_agents", "zero", "--noinput", settings="tests.settings_allow_drop"))
     assert fetch(scratch_db, "select to_regnamespace('absurd')") == [(None,)]
@@ -365,8 +377,10 @@ def test_fresh_install_with_an_upgrade_migration_in_the_chain(scratch_db: str) -
 
 
 @pytest.mark.django_db
-def test_upgrade_refuses_a_database_at_an_unexpected_version() -> None:
+def test_upgrade_steps_skip_a_current_schema_and_refuse_an_unexpected_one() -> None:
     assert schema.upgrade(connection, "0.5.0", schema.EXPECTED_VERSION) == "current"
+    # A fresh install runs 0001 with the newest SQL, then every older upgrade step of the chain.
+    assert schema.upgrade(connection, "0.4.0", "0.5.0") == "current"
     with pytest.raises(schema.SchemaVersionError, match=r"no upgrade script 0\.5\.1-9\.9\.9\.sql"):
         schema.upgrade(connection, schema.EXPECTED_VERSION, "9.9.9")
     with connection.cursor() as cursor:  # rolled back with the test's transaction

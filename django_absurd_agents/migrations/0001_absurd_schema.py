@@ -12,17 +12,13 @@ def forwards(apps: Any, schema_editor: Any) -> None:
 
 
 def backwards(apps: Any, schema_editor: Any) -> None:
+    # ``migrate`` refuses earlier (schema.refuse_schema_drop on pre_migrate); this covers other callers.
     if not conf.get().allow_schema_drop:
-        raise RuntimeError(
-            "Reversing this migration drops the 'absurd' schema and every task, run, checkpoint and event "
-            'in it. Set ABSURD_AGENTS = {"ALLOW_SCHEMA_DROP": True} in settings to allow it, then run the '
-            "command again."
-        )
+        raise RuntimeError(schema.SCHEMA_DROP_REFUSED)
     schema.drop(schema_editor.connection)
 
 
 class Migration(migrations.Migration):
     initial = True
     atomic = True
-    dependencies: list[tuple[str, str]] = []
     operations = [migrations.RunPython(forwards, backwards, elidable=False)]

@@ -4,24 +4,27 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('absurd_agents', '0001_absurd_schema'),
+        ("absurd_agents", "0001_absurd_schema"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='AbsurdTask',
+            name="AbsurdTask",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
             ],
             options={
-                'verbose_name': 'Absurd task',
-                'permissions': [('retry_absurdtask', 'Can retry Absurd tasks'), ('cancel_absurdtask', 'Can cancel Absurd tasks'), ('emit_absurdevent', 'Can emit Absurd events')],
-                'managed': False,
-                'default_permissions': ('view',),
+                "verbose_name": "Absurd task",
+                "permissions": [
+                    ("retry_absurdtask", "Can retry Absurd tasks"),
+                    ("cancel_absurdtask", "Can cancel Absurd tasks"),
+                    ("emit_absurdevent", "Can emit Absurd events"),
+                ],
+                "managed": False,
+                "default_permissions": ("view",),
             },
         ),
     ]

@@ -30,9 +30,11 @@ from pydantic_ai.messages import (
     UserPromptPart,
 )
 from pydantic_ai.models import Model, ModelRequestParameters, infer_model
-from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.models.function import AgentInfo, FunctionDef, FunctionModel
 from pydantic_ai.models.wrapper import WrapperModel
 from pydantic_ai.settings import ModelSettings
+
+from analyst.market import COMPANIES, mentioned_company
 
 MODEL_ENV = "EXAMPLE_MODEL"
 DELAY_ENV = "EXAMPLE_MODEL_DELAY"
@@ -121,22 +123,36 @@ class CountedModel(WrapperModel):
         return response
 
 
-def build_model() -> Model:
+def build_model(scripted: FunctionDef) -> Model:
+    """The model ``EXAMPLE_MODEL`` names, else ``scripted`` as a ``FunctionModel``; counted either way."""
     name = model_name()
-    inner: Model = FunctionModel(scripted_analyst, model_name="scripted-analyst") if name == SCRIPTED else infer_model(name)
-    return CountedModel(inner)
+    if name == SCRIPTED:
+        return CountedModel(
+            FunctionModel(scripted, model_name="scripted-" + scripted.__name__.removeprefix("scripted_"))
+        )
+    return CountedModel(infer_model(name))
 
 
 # --- the scripted analyst ----------------------------------------------------------------------
 
 
-def _prompt(messages: list[ModelMessage]) -> str:
-    for message in messages:
-        if isinstance(message, ModelRequest):
-            for part in message.parts:
-                if isinstance(part, UserPromptPart) and isinstance(part.content, str):
-                    return part.content
-    return ""
+def _prompts(messages: list[ModelMessage]) -> list[str]:
+    return [
+        part.content
+        for message in messages
+        if isinstance(message, ModelRequest)
+        for part in message.parts
+        if isinstance(part, UserPromptPart) and isinstance(part.content, str)
+    ]
+
+
+def _this_turn(messages: list[ModelMessage]) -> list[ModelMessage]:
+    """The messages since the latest user prompt: what the model has done for the current question."""
+    for index in range(len(messages) - 1, -1, -1):
+        message = messages[index]
+        if isinstance(message, ModelRequest) and any(isinstance(p, UserPromptPart) for p in message.parts):
+            return messages[index:]
+    return messages
 
 
 def _returns(messages: list[ModelMessage]) -> dict[str, ToolReturnPart]:
@@ -173,14 +189,14 @@ def _summary(figures: dict[str, object], news: list[dict[str, str]]) -> tuple[st
     if news:
         lines.append("Recent news: " + "; ".join(f"{item['headline']} ({item['sentiment']})" for item in news) + ".")
     lines.append(f"Verdict: {verdict}.")
-    return f"{company}: {verdict.split(':')[0]}", " ".join(lines)
+    return f"{company}: {verdict.split(':')[0]}, {growth:+.1f}% revenue growth", " ".join(lines)
 
 
 async def scripted_analyst(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
     """Look up the figures and the news, save one report, then answer; like a model, it only reads messages."""
     await asyncio.sleep(model_delay())
     returns = _returns(messages)
-    prompt = _prompt(messages)
+    prompt = next(iter(_prompts(messages)), "")
     match = re.search(r"^Company:\s*(.+)$", prompt, re.MULTILINE)
     company = match.group(1).strip() if match else prompt.strip()
 
@@ -202,13 +218,54 @@ async def scripted_analyst(messages: list[ModelMessage], info: AgentInfo) -> Mod
         return ModelResponse(parts=[ToolCallPart("save_report", {"title": title, "summary": summary})])
 
     saved = returns["save_report"].model_response_object()
-    question = re.search(r"^Question:\s*(.+)$", prompt, re.MULTILINE)
-    asked = f' You asked: "{question.group(1).strip()}".' if question else ""
     return ModelResponse(
-        parts=[
-            TextPart(
-                f"I saved report #{saved.get('report_id')}, \"{saved.get('title')}\".{asked} "
-                f"In short: {saved.get('summary')}"
-            )
-        ]
+        parts=[TextPart(f'I saved report #{saved.get("report_id")}, "{saved.get("title")}". {saved.get("summary")}')]
     )
+
+
+async def scripted_chat(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    """Chat about the company the question names, or the one the conversation was about; it reads the history."""
+    await asyncio.sleep(model_delay())
+    prompts = _prompts(messages)
+    company = next((found for text in reversed(prompts) if (found := mentioned_company(text))), None)
+    if company is None:
+        return ModelResponse(
+            parts=[
+                TextPart(
+                    f"I follow {', '.join(COMPANIES[:-1])} and {COMPANIES[-1]}. Ask me about one of them, "
+                    f'for example "How is {COMPANIES[0].split()[0]} doing?"'
+                )
+            ]
+        )
+    returns = _returns(_this_turn(messages))
+    if "company_figures" not in returns:
+        return ModelResponse(
+            parts=[
+                ToolCallPart("company_figures", {"company": company}),
+                ToolCallPart("recent_news", {"company": company}),
+            ]
+        )
+    figures = returns["company_figures"].model_response_object()
+    news_part = returns.get("recent_news")
+    news = news_part.model_response_object().get("return_value", []) if news_part else []
+    if len(prompts) > 1 and mentioned_company(prompts[-1]) is None:  # a follow-up on the same company
+        return ModelResponse(parts=[TextPart(f"Still on {company}. What I would watch: {_watch(figures, news)}.")])
+    _, summary = _summary(figures, news)
+    return ModelResponse(parts=[TextPart(f"{summary} Want the same for another company?")])
+
+
+def _watch(figures: dict[str, object], news: list[dict[str, str]]) -> str:
+    growth = float(str(figures["revenue_growth_pct"]))
+    margin = float(str(figures["operating_margin_pct"]))
+    cash = float(str(figures["net_cash_musd"]))
+    points = []
+    if growth < 0:
+        points.append(f"whether revenue stops shrinking ({growth:+.1f}% a year)")
+    else:
+        points.append(f"whether {growth:.1f}% revenue growth holds up")
+    if margin < 0:
+        points.append(f"when the operating margin ({margin:.1f}%) turns positive")
+    if cash < 0:
+        points.append(f"the net debt of ${-cash:,.0f}M and what refinancing it costs")
+    points += [f'the follow-up to "{item["headline"]}"' for item in news if item.get("sentiment") == "negative"]
+    return "; ".join(points)

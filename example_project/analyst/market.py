@@ -6,6 +6,7 @@ written the way they would be against a real API (a lookup by company that can f
 
 from __future__ import annotations
 
+import re
 from typing import TypedDict
 
 
@@ -61,20 +62,36 @@ FIGURES: dict[str, Figures] = {
 
 NEWS: dict[str, list[Headline]] = {
     "Acme Robotics": [
-        {"date": "2026-03-02", "headline": "Acme wins a multi-year warehouse contract in Rotterdam", "sentiment": "positive"},
-        {"date": "2026-02-11", "headline": "Supplier delays push two Acme product launches to Q3", "sentiment": "negative"},
+        {
+            "date": "2026-03-02",
+            "headline": "Acme wins a multi-year warehouse contract in Rotterdam",
+            "sentiment": "positive",
+        },
+        {
+            "date": "2026-02-11",
+            "headline": "Supplier delays push two Acme product launches to Q3",
+            "sentiment": "negative",
+        },
     ],
     "Globex Energy": [
         {"date": "2026-03-05", "headline": "Regulator approves Globex's grid upgrade tariff", "sentiment": "positive"},
         {"date": "2026-01-20", "headline": "Globex refinances 2027 bonds at a higher coupon", "sentiment": "negative"},
     ],
     "Initech Software": [
-        {"date": "2026-02-27", "headline": "Initech loses its largest customer to a cloud rival", "sentiment": "negative"},
+        {
+            "date": "2026-02-27",
+            "headline": "Initech loses its largest customer to a cloud rival",
+            "sentiment": "negative",
+        },
         {"date": "2026-02-03", "headline": "Initech announces a cost programme and a new CEO", "sentiment": "neutral"},
     ],
     "Umbra Biotech": [
         {"date": "2026-03-09", "headline": "Umbra's lead therapy meets its phase II endpoint", "sentiment": "positive"},
-        {"date": "2026-02-15", "headline": "Umbra raises $200M in an oversubscribed placement", "sentiment": "positive"},
+        {
+            "date": "2026-02-15",
+            "headline": "Umbra raises $200M in an oversubscribed placement",
+            "sentiment": "positive",
+        },
     ],
 }
 
@@ -86,5 +103,14 @@ def find_company(name: str) -> str | None:
     wanted = name.strip().casefold()
     for company in COMPANIES:
         if company.casefold() == wanted or company.split()[0].casefold() == wanted:
+            return company
+    return None
+
+
+def mentioned_company(text: str) -> str | None:
+    """The first company of the data set that ``text`` names, by full name or first word."""
+    lowered = text.casefold()
+    for company in COMPANIES:
+        if company.casefold() in lowered or re.search(rf"\b{re.escape(company.split()[0].casefold())}\b", lowered):
             return company
     return None

@@ -8,6 +8,9 @@ running the task is killed and another one resumes it.
 
 from __future__ import annotations
 
+import uuid
+from datetime import datetime
+
 from django.db import models
 from django.urls import reverse
 
@@ -15,10 +18,10 @@ from django.urls import reverse
 class ReportRequest(models.Model):
     """Someone asked the analyst for a report; ``task_id`` is the Absurd task doing the work."""
 
-    company = models.CharField(max_length=100)
-    question = models.TextField()
-    task_id = models.UUIDField(null=True, blank=True, unique=True)
-    created = models.DateTimeField(auto_now_add=True)
+    company: models.CharField[str, str] = models.CharField(max_length=100)
+    question: models.TextField[str, str] = models.TextField()
+    task_id: models.UUIDField[uuid.UUID | None, uuid.UUID | None] = models.UUIDField(null=True, blank=True, unique=True)
+    created: models.DateTimeField[datetime, datetime] = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["-created"]
@@ -36,11 +39,11 @@ class Report(models.Model):
     ``task_id`` is deliberately not unique: if a tool ran twice, the second row would show it.
     """
 
-    task_id = models.UUIDField(db_index=True)
-    company = models.CharField(max_length=100)
-    title = models.CharField(max_length=200)
-    summary = models.TextField()
-    created = models.DateTimeField(auto_now_add=True)
+    task_id: models.UUIDField[uuid.UUID | str, uuid.UUID] = models.UUIDField(db_index=True)
+    company: models.CharField[str, str] = models.CharField(max_length=100)
+    title: models.CharField[str, str] = models.CharField(max_length=200)
+    summary: models.TextField[str, str] = models.TextField()
+    created: models.DateTimeField[datetime, datetime] = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["-created"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -35,7 +36,7 @@ def request_report(company: str, question: str) -> ReportRequest:
             {"request_id": request.pk, "company": company, "question": question},
             idempotency_key=f"report-request:{request.pk}",
         )
-        request.task_id = spawned["task_id"]
+        request.task_id = uuid.UUID(spawned["task_id"])
         request.save(update_fields=["task_id"])
     return request
 
@@ -89,8 +90,10 @@ def step_preview(name: str, state: Any) -> str:
         if calls:
             return "asked for " + ", ".join(calls)
         return _shorten(" ".join(texts)) if texts else ""
-    if isinstance(state, dict) and "return_value" in state:
-        state = state["return_value"]
+    if isinstance(state, dict) and state.get("kind") == "tool_return":
+        state = state.get("result")
+    elif isinstance(state, dict) and "kind" in state:  # a ModelRetry, CallDeferred, ... recorded as data
+        return _shorten(f"{state['kind']}: {json.dumps(state, default=str, ensure_ascii=False)}")
     return _shorten(json.dumps(state, default=str, ensure_ascii=False))
 
 

@@ -1,12 +1,16 @@
-"""The analyst agent and the Absurd task that runs it.
+"""The analyst's agents and the Absurd tasks that run them.
 
-The agent is an ordinary Pydantic AI ``Agent`` wrapped in ``AbsurdAgent``: inside the task every
+Both agents are ordinary Pydantic AI ``Agent`` objects wrapped in ``AbsurdAgent``: inside a task every
 model request and every tool call is a checkpointed step, so a worker killed halfway leaves the
-completed steps recorded and the next worker replays them instead of paying for them again. The
-``save_report`` tool writes a row (a side effect); it runs once however often the task is resumed.
+completed steps recorded and the next worker replays them instead of paying for them again.
 
-Workers import this module (every installed app's ``tasks`` module); web processes spawn the task
-by name and never need to.
+* ``analyst`` writes reports (task ``write_report``). Its ``save_report`` tool writes a row, a side
+  effect that happens once however often the task is resumed.
+* ``analyst_chat`` answers the chat page through the conversation API: each message is a turn, and
+  each turn is a durable task of its own (``absurd_agents.turn``) that sees the conversation so far.
+
+Workers import this module (every installed app's ``tasks`` module is imported by
+``absurd_worker``); web processes spawn by task name and never need to.
 """
 
 from __future__ import annotations
@@ -17,14 +21,14 @@ from typing import Any
 from absurd_sdk import AsyncTaskContext
 from pydantic_ai import Agent, ModelRetry, RunContext
 
-from analyst.llm import build_model, log_call
+from analyst.llm import build_model, log_call, scripted_analyst, scripted_chat
 from analyst.market import COMPANIES, FIGURES, NEWS, Figures, Headline, find_company
 from analyst.models import Report
-from django_absurd_agents import AbsurdAgent, absurd
-
 from analyst.reports import TASK_NAME
+from django_absurd_agents import AbsurdAgent, absurd
+from django_absurd_agents.conversations import register_chat_agent
 
-INSTRUCTIONS = """\
+REPORT_INSTRUCTIONS = """\
 You are a careful equity analyst. For the company in the request:
 1. call company_figures and recent_news;
 2. call save_report exactly once, with a short title and a summary of three to five sentences that
@@ -32,37 +36,37 @@ You are a careful equity analyst. For the company in the request:
 3. answer the user's question in a few sentences and mention the report's number.
 Use only the figures and news the tools return."""
 
+CHAT_INSTRUCTIONS = f"""\
+You are an equity analyst chatting with an investor. You follow these companies: {", ".join(COMPANIES)}.
+Look up figures and news with your tools before you talk about a company; keep answers short and use
+only what the tools return. For anything else, say which companies you follow."""
+
 
 @dataclass
 class ReportDeps:
-    """What the tools need besides their arguments: which task (and so which report) they serve."""
+    """What ``save_report`` needs besides its arguments: which task (and so which report) it serves."""
 
     task_id: str
     company: str
 
 
-inner = Agent(build_model(), name="analyst", deps_type=ReportDeps, instructions=INSTRUCTIONS)
-
-
-@inner.tool_plain
 def company_figures(company: str) -> Figures:
     """Revenue, growth, operating margin and net cash of a listed company over the last four quarters."""
-    log_call("tool", "company_figures")
     found = find_company(company)
+    log_call("tool", "company_figures")
     if found is None:
         raise ModelRetry(f"No figures for {company!r}. Known companies: {', '.join(COMPANIES)}.")
     return FIGURES[found]
 
 
-@inner.tool_plain
 def recent_news(company: str) -> list[Headline]:
     """The latest headlines about a company, newest first, each with its sentiment."""
-    log_call("tool", "recent_news")
     found = find_company(company)
-    return list(NEWS.get(found, [])) if found else []
+    headlines = list(NEWS.get(found, [])) if found else []
+    log_call("tool", "recent_news")
+    return headlines
 
 
-@inner.tool
 async def save_report(ctx: RunContext[ReportDeps], title: str, summary: str) -> dict[str, Any]:
     """Save the finished report so people can read it later. Call it exactly once."""
     report = await Report.objects.acreate(
@@ -72,7 +76,28 @@ async def save_report(ctx: RunContext[ReportDeps], title: str, summary: str) -> 
     return {"report_id": report.pk, "title": report.title, "summary": report.summary}
 
 
-analyst = AbsurdAgent(inner, absurd)
+analyst = AbsurdAgent(
+    Agent(
+        build_model(scripted_analyst),
+        name="analyst",
+        deps_type=ReportDeps,
+        instructions=REPORT_INSTRUCTIONS,
+        tools=[company_figures, recent_news, save_report],
+    ),
+    absurd,
+)
+
+analyst_chat = register_chat_agent(
+    AbsurdAgent(
+        Agent(
+            build_model(scripted_chat),
+            name="analyst_chat",
+            instructions=CHAT_INSTRUCTIONS,
+            tools=[company_figures, recent_news],
+        ),
+        absurd,
+    )
+)
 
 
 def build_prompt(company: str, question: str) -> str:
@@ -81,7 +106,7 @@ def build_prompt(company: str, question: str) -> str:
 
 @absurd.register_task(name=TASK_NAME)
 async def write_report(params: dict[str, Any], ctx: AsyncTaskContext) -> dict[str, Any]:
-    """Run the analyst on one report request; the answer becomes the task's result."""
+    """Run the analyst on one report request; its answer becomes the task's result."""
     deps = ReportDeps(task_id=str(ctx.task_id), company=params["company"])
     result = await analyst.run(build_prompt(params["company"], params["question"]), deps=deps)
     return {"answer": result.output}

@@ -29,7 +29,8 @@ class Command(BaseCommand):
             action="append",
             dest="queues",
             metavar="QUEUE",
-            help=f"A queue to serve; repeat for several. Default: every configured queue ({', '.join(settings.all_queues)}).",
+            help="A queue to serve; repeat for several. "
+            f"Default: every configured queue ({', '.join(settings.all_queues)}).",
         )
         parser.add_argument(
             "--concurrency",

@@ -1,0 +1,304 @@
+"""Server-side render time of the Absurd admin with 100,000 tasks in a queue.
+
+Run: ``.venv/bin/python bench/bench_admin.py [--tasks 100000] [--checkpoints 200] [--repeat 15]``.
+
+Seeds queue ``bench_admin`` in database ``absurd_agents_bench_admin`` (on the server of
+``$DATABASE_URL``, else the embedded one; created and migrated when missing) with ``--tasks`` tasks
+spread over the last weeks, in every state, one run each, five checkpoints for every fifth task,
+and one task with ``--checkpoints`` agent checkpoints (model responses and tool results, as a
+durable agent writes them). The rows are written with ``generate_series`` in a few statements, the
+way a busy queue would hold them, then the tables are analysed as autovacuum would.
+
+Each page is requested ``--repeat`` times through Django's test client (URL resolution,
+middleware, the view's queries and the template, no network) after one warm-up request; printed
+are the median and the slowest time. The goal: the task list and a task detail with 200
+checkpoints each render in under 200 ms. For comparison it also times the statements the list
+avoids: an exact ``count(*)`` of the queue and a list sorted by ``enqueue_at`` (no index).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+from psycopg import errors, sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DATABASE = "absurd_agents_bench_admin"
+QUEUE = "bench_admin"
+GOAL_MS = 200.0
+
+
+def bench_database_url() -> str:
+    url = os.environ.get("DATABASE_URL")
+    if not url:
+        from django_absurd_agents.embedded import embedded_database_url
+
+        return embedded_database_url(DATABASE)
+    params = conninfo_to_dict(url)
+    maintenance = make_conninfo("", **{**params, "dbname": "postgres"})
+    with psycopg.connect(maintenance, autocommit=True) as admin, contextlib.suppress(errors.DuplicateDatabase):
+        admin.execute(sql.SQL("create database {}").format(sql.Identifier(DATABASE)))
+    return make_conninfo("", **{**params, "dbname": DATABASE})
+
+
+def setup_django(url: str) -> None:
+    os.environ["DATABASE_URL"] = url
+    os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+    import django
+    from django.core.management import call_command
+    from django.test.utils import override_settings
+
+    django.setup()
+    # The test client's host. (Not setup_test_environment(): it instruments every template render
+    # to keep copies of the context, which a real server does not pay for.)
+    override_settings(ALLOWED_HOSTS=["testserver"]).enable()
+    call_command("migrate", verbosity=0)
+
+
+# A UUIDv7 from a timestamp and a seed: the admin pages by task id, so ids must follow time as
+# Absurd's own ids do.
+def uuid7(seed: str) -> str:
+    return f"""(
+  substr(lpad(to_hex((extract(epoch from at) * 1000)::bigint), 12, '0'), 1, 8) || '-' ||
+  substr(lpad(to_hex((extract(epoch from at) * 1000)::bigint), 12, '0'), 9, 4) || '-7' ||
+  substr(md5({seed}), 1, 3) || '-8' || substr(md5({seed}), 4, 3) || '-' || substr(md5({seed}), 7, 12)
+)::uuid"""
+
+
+# Placeholders: __T__/__R__/__C__ (the queue's tables), __TASKS__ (how many).
+SEED_SQL = f"""
+create temporary table seed on commit drop as
+select g,
+       {uuid7("'t' || g")} as task_id,
+       {uuid7("'r' || g")} as run_id,
+       at,
+       (array['analyse', 'summarise', 'triage', 'digest', 'classify'])[1 + g % 5] as task_name,
+       case when g > __TASKS__ - 50 then (array['pending', 'running', 'sleeping'])[1 + g % 3]
+            when g % 10 = 0 then 'failed'
+            when g % 97 = 0 then 'cancelled'
+            else 'completed' end as state
+from (select g, now() - (__TASKS__ - g) * interval '20 seconds' as at
+        from generate_series(1, __TASKS__) g) s;
+
+insert into __T__ (task_id, task_name, params, headers, retry_strategy, max_attempts, cancellation,
+                          enqueue_at, first_started_at, state, attempts, last_attempt_run, completed_payload,
+                          cancelled_at)
+select task_id, task_name,
+       jsonb_build_object('prompt', 'Customer ' || g || ' asks about invoice ' || (g * 7919) % 100000,
+                          'customer_id', g, 'tags', jsonb_build_array('bench', task_name)),
+       null, '{{"kind": "exponential", "base_seconds": 2, "factor": 2, "max_seconds": 300}}'::jsonb, 5, null,
+       at, case when state = 'pending' then null else at + interval '1 second' end,
+       state, case when state = 'failed' then 5 else 1 end, run_id,
+       case when state = 'completed' then jsonb_build_object('output', 'Answer for customer ' || g) end,
+       case when state = 'cancelled' then at + interval '2 seconds' end
+from seed;
+
+insert into __R__ (run_id, task_id, attempt, state, claimed_by, claim_expires_at, available_at,
+                          started_at, completed_at, failed_at, result, failure_reason, created_at)
+select run_id, task_id, case when state = 'failed' then 5 else 1 end,
+       state, case when state <> 'pending' then 'worker-' || g % 8 end,
+       case when state = 'running' then now() + interval '2 minutes' end,
+       at, case when state <> 'pending' then at + interval '1 second' end,
+       case when state = 'completed' then at + interval '1 second' + (g % 5000) * interval '1 millisecond' end,
+       case when state = 'failed' then at + interval '3 seconds' end,
+       case when state = 'completed' then jsonb_build_object('output', 'Answer for customer ' || g) end,
+       case when state = 'failed' then jsonb_build_object('name', 'ValueError', 'message', 'bad input ' || g,
+            'traceback', 'Traceback (most recent call last):\n  File "tasks.py", line 9\nValueError: bad input') end,
+       at
+from seed;
+
+insert into __C__ (task_id, checkpoint_name, state, status, owner_run_id, updated_at)
+select task_id, 'analyst__model.request' || case when n > 1 then '#' || n else '' end,
+       jsonb_build_object('kind', 'response', 'parts', jsonb_build_array(
+           jsonb_build_object('part_kind', 'text', 'content', repeat('Some model text. ', 20)))),
+       'committed', run_id, at + n * interval '10 milliseconds'
+from seed, generate_series(1, 5) n
+where g % 5 = 0;
+"""
+
+MODEL_STEP = {
+    "kind": "response",
+    "model_name": "gpt-bench",
+    "usage": {"input_tokens": 812, "output_tokens": 64},
+    "parts": [
+        {"part_kind": "thinking", "content": "The customer wants the invoice total; look it up first. " * 3},
+        {"part_kind": "text", "content": "Let me look that invoice up for you. " * 6},
+        {
+            "part_kind": "tool-call",
+            "tool_name": "lookup_invoice",
+            "args": {"invoice": 4711, "fields": ["total", "due", "lines"]},
+            "tool_call_id": "call_{n}",
+        },
+    ],
+}
+TOOL_STEP = {
+    "kind": "tool_return",
+    "result": {
+        "invoice": 4711,
+        "total": "1249.50",
+        "due": "2026-12-01",
+        "lines": [{"sku": f"SKU-{i}", "qty": i, "price": "12.50"} for i in range(8)],
+    },
+    "content_file_digests": [],
+}
+
+
+def seed(tasks: int, checkpoints: int) -> str:
+    """Recreate the bench queue with ``tasks`` tasks; return the id of the task with many checkpoints."""
+    import json
+
+    from django.db import connection, transaction
+
+    from django_absurd_agents.queries import table
+
+    script = SEED_SQL.replace("__TASKS__", str(int(tasks)))
+    for prefix in ("t", "r", "c"):
+        script = script.replace(f"__{prefix.upper()}__", table(prefix, QUEUE))
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("select absurd.drop_queue(%s)", [QUEUE])
+        cursor.execute("select absurd.create_queue(%s)", [QUEUE])
+        for statement in script.split(";\n\n"):
+            if statement.strip():
+                cursor.execute(statement)
+        cursor.execute(f"select task_id, last_attempt_run from {table('t', QUEUE)} order by task_id desc limit 1")
+        task_id, run_id = cursor.fetchone()
+        cursor.execute(f"delete from {table('c', QUEUE)} where task_id = %s", [task_id])
+        rows = []
+        for n in range(1, checkpoints // 2 + 1):
+            suffix = f"#{n}" if n > 1 else ""
+            model = json.loads(json.dumps(MODEL_STEP).replace("call_{n}", f"call_{n}"))
+            rows.append((f"analyst__model.request{suffix}", json.dumps(model), 2 * n))
+            rows.append(
+                (
+                    f"analyst__function_toolset__<agent>.call_tool:lookup_invoice{suffix}",
+                    json.dumps(TOOL_STEP),
+                    2 * n + 1,
+                )
+            )
+        cursor.executemany(
+            f"insert into {table('c', QUEUE)} (task_id, checkpoint_name, state, status, owner_run_id, updated_at) "
+            "values (%s, %s, %s::jsonb, 'committed', %s, now() + %s * interval '1 millisecond')",
+            [(task_id, name, state, run_id, order) for name, state, order in rows],
+        )
+    with connection.cursor() as cursor:  # outside the transaction: VACUUM cannot run inside one
+        for prefix in ("t", "r", "c"):
+            cursor.execute(f"vacuum analyze {table(prefix, QUEUE)}")
+    return str(task_id)
+
+
+def timed(get: Callable[[], object], repeat: int) -> list[float]:
+    get()  # warm-up: template loading, first plans
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        get()
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--tasks", type=int, default=100_000)
+    parser.add_argument("--checkpoints", type=int, default=200)
+    parser.add_argument("--repeat", type=int, default=15)
+    args = parser.parse_args()
+
+    setup_django(bench_database_url())
+    from django.contrib.auth.models import User
+    from django.db import connection
+    from django.test import Client
+    from django.urls import reverse
+
+    from django_absurd_agents.queries import table
+
+    started = time.perf_counter()
+    detail_task = seed(args.tasks, args.checkpoints)
+    seeded_in = time.perf_counter() - started
+    user = User.objects.filter(username="bench").first() or User.objects.create_superuser("bench", "b@example.org", "x")
+    client = Client()
+    client.force_login(user)
+
+    list_url = reverse("admin:absurd_agents_absurdtask_changelist")
+    detail_url = reverse("admin:absurd_agents_absurdtask_detail", kwargs={"queue": QUEUE, "task_id": detail_task})
+    with connection.cursor() as cursor:
+        cursor.execute(f"select task_id from {table('t', QUEUE)} order by task_id limit 1 offset %s", [args.tasks // 2])
+        middle = str(cursor.fetchone()[0])
+        cursor.execute(f"select count(*) from {table('c', QUEUE)}")
+        checkpoint_rows = cursor.fetchone()[0]
+
+    def get(address: str, check: str | None = None) -> Callable[[], object]:
+        def run() -> object:
+            response = client.get(address)
+            assert response.status_code == 200, (address, response.status_code)
+            if check is not None:
+                assert check in response.content.decode(), (address, check)
+            return response
+
+        return run
+
+    pages: list[tuple[str, str, str | None, bool]] = [
+        ("task list, first page", list_url, "Newest first", True),
+        ("task list, page in the middle (keyset)", f"{list_url}?after={middle}", "Newest first", True),
+        ("task list, this queue only", f"{list_url}?queue={QUEUE}", None, False),
+        ("task list, state=failed", f"{list_url}?state=failed", None, False),
+        ("task list, task_name=triage", f"{list_url}?task_name=triage", None, False),
+        ("task list, created in the past hour", f"{list_url}?created=hour", None, False),
+        ("task list, search by task id", f"{list_url}?q={middle}", middle, False),
+        ("task list, search text in params", f"{list_url}?q=invoice+4711", None, False),
+        (f"task detail, {args.checkpoints} checkpoints", detail_url, "Tool <strong>lookup_invoice</strong>", True),
+        ("overview", reverse("admin:absurd_agents_absurdtask_overview"), None, False),
+    ]
+    connection.ensure_connection()
+    version = connection.connection.info.server_version // 10000
+    print(f"PostgreSQL {version}, queue {QUEUE}: {args.tasks:,} tasks, {checkpoint_rows:,} checkpoints")
+    print(f"seeded and analysed in {seeded_in:.1f} s; each page requested {args.repeat} times after a warm-up")
+    print(f"{'page':<44} {'median':>9} {'slowest':>9}")
+    failures = []
+    for label, address, check, has_goal in pages:
+        times = timed(get(address, check), args.repeat)
+        median = statistics.median(times)
+        goal = ""
+        if has_goal:
+            goal = "  ok" if median < GOAL_MS else f"  OVER the {GOAL_MS:.0f} ms goal"
+            if median >= GOAL_MS:
+                failures.append(label)
+        print(f"{label:<44} {median:7.1f} ms {max(times):7.1f} ms{goal}")
+
+    print("\nfor comparison, statements the list does not run:")
+    with connection.cursor() as cursor:
+        for label, statement in (
+            ("exact count(*) of the queue", f"select count(*) from {table('t', QUEUE)}"),
+            (
+                "newest 51 by enqueue_at (no index)",
+                f"select task_id from {table('t', QUEUE)} order by enqueue_at desc limit 51",
+            ),
+            (
+                "newest 51 by task_id (primary key)",
+                f"select task_id from {table('t', QUEUE)} order by task_id desc limit 51",
+            ),
+        ):
+
+            def run(statement: str = statement) -> object:
+                cursor.execute(statement)
+                return cursor.fetchall()
+
+            times = timed(run, args.repeat)
+            print(f"{label:<44} {statistics.median(times):7.1f} ms {max(times):7.1f} ms")
+    if failures:
+        print(f"\nover the goal: {', '.join(failures)}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

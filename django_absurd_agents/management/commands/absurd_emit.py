@@ -1,0 +1,47 @@
+"""``manage.py absurd_emit <event>``: emit an event, waking the tasks that wait for it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from django_absurd_agents import conf
+from django_absurd_agents.client import absurd
+from django_absurd_agents.management.commands import _ops
+
+
+class Command(BaseCommand):
+    help = (
+        "Emit an event on a queue: tasks waiting for it (ctx.await_event) wake up with the payload. The first "
+        "emit of a name wins; later ones are ignored."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("event", help="The event name, e.g. approval:<task id>.")
+        parser.add_argument("--payload", "-p", default="null", help="The payload as JSON (default null).")
+        parser.add_argument("--queue", "-q", help=f"The queue (default {conf.get().default_queue}).")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        name = options["event"]
+        if not name:
+            raise CommandError("The event name cannot be empty.")
+        try:
+            payload = json.loads(options["payload"])
+        except json.JSONDecodeError as exc:
+            raise CommandError(
+                f"--payload is not valid JSON: {exc}. Quote it for the shell: --payload '{{\"ok\": true}}'."
+            ) from exc
+        queue = _ops.checked_queue(options["queue"] or conf.get().default_queue)
+        earlier = _ops.fetch(
+            f"select emitted_at from {_ops.table('e', queue)} where event_name = %s and payload is not null", [name]
+        )
+        absurd.emit_event_sync(name, payload, queue_name=queue)
+        if earlier:
+            self.stdout.write(
+                f"Event {name!r} was already emitted on queue {queue} at {_ops.timestamp(earlier[0][0])}; "
+                "the first payload is kept."
+            )
+        else:
+            self.stdout.write(f"Emitted event {name!r} on queue {queue}.")

@@ -1,0 +1,99 @@
+"""``manage.py absurd_tasks``: recent tasks across queues, filtered by queue, state and name."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils import timezone
+
+from django_absurd_agents.management.commands import _ops
+
+
+class Command(BaseCommand):
+    help = "List tasks, newest first, across every queue unless --queue is given."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--queue", "-q", action="append", dest="queues", help="Only this queue (repeatable).")
+        parser.add_argument(
+            "--state", "-s", action="append", dest="states", choices=_ops.STATES, help="Only this state (repeatable)."
+        )
+        parser.add_argument("--name", "-n", help="Only tasks with this task name.")
+        parser.add_argument("--limit", "-l", type=int, default=50, help="At most this many tasks (default 50).")
+        parser.add_argument("--json", action="store_true", help="Print a JSON list.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if options["limit"] < 1:
+            raise CommandError("--limit must be at least 1.")
+        queues = [_ops.checked_queue(q) for q in options["queues"]] if options["queues"] else _ops.known_queues()
+        tasks = list_tasks(queues, states=options["states"], name=options["name"], limit=options["limit"])
+        if options["json"]:
+            self.stdout.write(_ops.dumps(tasks))
+            return
+        if not tasks:
+            self.stdout.write("No tasks match.")
+            return
+        self.stdout.write(render(tasks))
+
+
+def list_tasks(queues: list[str], *, states: list[str] | None, name: str | None, limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` tasks of ``queues`` matching the filters; one bounded query per queue."""
+    found: list[dict[str, Any]] = []
+    for queue in queues:
+        t, r = _ops.table("t", queue), _ops.table("r", queue)
+        rows = _ops.fetch(
+            f"select t.task_id::text, t.task_name, t.state, t.attempts, t.max_attempts, t.enqueue_at, "
+            f"coalesce(r.completed_at, r.failed_at, t.cancelled_at, r.started_at) "
+            f"from {t} t left join {r} r on r.run_id = t.last_attempt_run "
+            f"where (%s::text[] is null or t.state = any(%s::text[])) and (%s::text is null or t.task_name = %s) "
+            f"order by t.enqueue_at desc, t.task_id desc limit %s",
+            [states, states, name, name, limit],
+        )
+        for task_id, task_name, state, attempts, max_attempts, enqueued, updated in rows:
+            found.append(
+                {
+                    "task_id": task_id,
+                    "queue": queue,
+                    "task_name": task_name,
+                    "state": state,
+                    "attempts": attempts,
+                    "max_attempts": max_attempts,
+                    "enqueued_at": enqueued,
+                    "updated_at": updated,
+                }
+            )
+    found.sort(key=lambda task: (task["enqueued_at"], task["task_id"]), reverse=True)
+    return found[:limit]
+
+
+def _age(moment: datetime.datetime | None, now: datetime.datetime) -> str:
+    if moment is None:
+        return "-"
+    seconds = max(int((now - moment).total_seconds()), 0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def render(tasks: list[dict[str, Any]]) -> str:
+    now = timezone.now()
+    header = ("TASK ID", "QUEUE", "NAME", "STATE", "ATTEMPTS", "ENQUEUED", "LAST CHANGE")
+    rows = [
+        (
+            task["task_id"],
+            task["queue"],
+            task["task_name"],
+            task["state"],
+            f"{task['attempts']}/{task['max_attempts'] or '-'}",
+            _ops.timestamp(task["enqueued_at"]),
+            _age(task["updated_at"], now),
+        )
+        for task in tasks
+    ]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    )

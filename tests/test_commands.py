@@ -1,0 +1,162 @@
+"""The operations commands beside the worker: absurd_task(s), absurd_retry, absurd_cancel, absurd_emit, absurd_cleanup.
+
+Tasks are run in this process with ``work_batch`` (the client's own connection commits), and the
+commands read and change them through Django's connection, as on a production box.
+"""
+
+from __future__ import annotations
+
+import json
+from io import StringIO
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.core.management import CommandError, call_command
+from django.db import connection
+
+from tests import worker_tasks  # noqa: F401  (registers the handlers)
+
+
+def run(*args: Any, **options: Any) -> str:
+    out = StringIO()
+    call_command(*args, stdout=out, **options)
+    return out.getvalue()
+
+
+arun = sync_to_async(run)
+
+
+def sql(query: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+    with connection.cursor() as cursor:
+        cursor.execute(query, params or [])
+        return cursor.fetchall() if cursor.description else []
+
+
+asql = sync_to_async(sql)
+
+
+async def spawn(client: Any, name: str, params: Any = None, **options: Any) -> str:
+    return (await client.spawn(name, params if params is not None else {}, **options))["task_id"]
+
+
+async def test_task_dump_shows_runs_checkpoints_and_the_open_wait(project_absurd: Any) -> None:
+    task_id = await spawn(project_absurd, "worker_approval", {"draft": "ship it"})
+    await project_absurd.work_batch(claim_timeout=10)
+
+    text = await arun("absurd_task", task_id)
+    assert f"Task {task_id}  worker_approval  [sleeping]" in text
+    assert "queue:        agents" in text
+    assert "#1 " in text and "[sleeping]" in text
+    assert f"waiting for event 'approval:{task_id}' (no timeout)" in text
+    assert "prepare [committed]" in text and '{"draft": "ship it"}' in text
+    assert f"event 'approval:{task_id}' (not emitted yet" in text
+
+    dump = json.loads(await arun("absurd_task", task_id, "--json"))
+    assert dump["params"] == {"draft": "ship it"}
+    assert [c["checkpoint_name"] for c in dump["checkpoints"]] == ["prepare"]
+    assert dump["checkpoints"][0]["value"] == {"draft": "ship it"}
+    assert dump["waits"][0]["event_name"] == f"approval:{task_id}"
+
+    # absurd_emit wakes it; the next claim completes it with the payload.
+    out = await arun("absurd_emit", f"approval:{task_id}", "--payload", '{"approved": true}')
+    assert f"Emitted event 'approval:{task_id}' on queue agents." in out
+    again = await arun("absurd_emit", f"approval:{task_id}", "--payload", '{"approved": false}')
+    assert "already emitted" in again and "first payload is kept" in again
+    await project_absurd.work_batch(claim_timeout=10)
+    snapshot = await project_absurd.fetch_task_result(task_id)
+    assert snapshot.state == "completed"
+    assert snapshot.result == {"draft": {"draft": "ship it"}, "decision": {"approved": True}}
+    assert "result:" in await arun("absurd_task", task_id)
+
+
+async def test_task_dump_finds_the_queue_and_shortens_long_values(project_absurd: Any) -> None:
+    task_id = await spawn(project_absurd, "worker_other", {"blob": "x" * 2000}, queue="other")
+    text = await arun("absurd_task", task_id)
+    assert "queue:        other" in text
+    assert "more characters; --full or --json shows everything" in text
+    assert "x" * 2000 in await arun("absurd_task", task_id, "--full")
+    with pytest.raises(CommandError, match="was not found in queue 'agents'"):
+        await arun("absurd_task", task_id, "--queue", "agents")
+
+
+async def test_listing_filters_by_queue_state_and_name(project_absurd: Any) -> None:
+    noop = [await spawn(project_absurd, "worker_noop") for _ in range(3)]
+    other = await spawn(project_absurd, "worker_other", queue="other")
+    await project_absurd.work_batch(claim_timeout=10, batch_size=1)  # completes the oldest noop
+
+    everything = json.loads(await arun("absurd_tasks", "--json"))
+    assert {t["task_id"] for t in everything} == {*noop, other}
+    assert everything[0]["task_id"] == other  # newest first
+
+    pending = json.loads(await arun("absurd_tasks", "--json", "--queue", "agents", "--state", "pending"))
+    assert [t["task_id"] for t in pending] == [noop[2], noop[1]]
+    done = json.loads(await arun("absurd_tasks", "--json", "--state", "completed"))
+    assert [t["task_id"] for t in done] == [noop[0]]
+    assert [t["task_id"] for t in json.loads(await arun("absurd_tasks", "--json", "--name", "worker_other"))] == [other]
+    assert len(json.loads(await arun("absurd_tasks", "--json", "--limit", "2"))) == 2
+
+    table = await arun("absurd_tasks")
+    assert table.splitlines()[0].split()[:4] == ["TASK", "ID", "QUEUE", "NAME"]
+    assert f"{other}  other" in table
+    assert "No tasks match." in await arun("absurd_tasks", "--name", "nothing_by_this_name")
+
+
+async def test_retry_in_place_and_as_a_new_task(project_absurd: Any) -> None:
+    task_id = await spawn(project_absurd, "worker_fail", max_attempts=1)
+    await project_absurd.work_batch(claim_timeout=10)
+    assert (await project_absurd.fetch_task_result(task_id)).state == "failed"
+
+    out = await arun("absurd_retry", task_id)
+    assert f"Task {task_id} in queue agents will run again: attempt 2" in out
+    assert await asql("select state, max_attempts from absurd.t_agents where task_id = %s", [task_id]) == [
+        ("pending", 2)
+    ]
+    with pytest.raises(CommandError, match="is pending; only failed tasks can be retried"):
+        await arun("absurd_retry", task_id)
+
+    await project_absurd.work_batch(claim_timeout=10)
+    out = await arun("absurd_retry", task_id, "--spawn-new", "--max-attempts", "3")
+    new_id = out.split()[2]
+    assert new_id != task_id and "with the params of" in out
+    assert await asql("select task_name, state from absurd.t_agents where task_id = %s", [new_id]) == [
+        ("worker_fail", "pending")
+    ]
+
+
+async def test_cancel_is_idempotent_and_reports_unknown_ids(project_absurd: Any) -> None:
+    task_id = await spawn(project_absurd, "worker_noop")
+    assert "it was pending" in await arun("absurd_cancel", task_id)
+    assert (await project_absurd.fetch_task_result(task_id)).state == "cancelled"
+    assert "already cancelled; nothing to cancel" in await arun("absurd_cancel", task_id)
+    with pytest.raises(CommandError, match="was not found in any queue"):
+        await arun("absurd_cancel", "01900000-0000-7000-8000-000000000000")
+    with pytest.raises(CommandError, match="is not a task id"):
+        await arun("absurd_cancel", "42")
+
+
+async def test_queue_names_are_validated_before_they_reach_sql(project_absurd: Any) -> None:
+    with pytest.raises(CommandError, match="lowercase letters"):
+        await arun("absurd_tasks", "--queue", 'agents"; drop schema absurd cascade; --')
+    with pytest.raises(CommandError, match=r"Queue 'nope' does not exist\. Queues in the database: agents, other"):
+        await arun("absurd_emit", "evt", "--queue", "nope")
+    with pytest.raises(CommandError, match="--payload is not valid JSON"):
+        await arun("absurd_emit", "evt", "--payload", "{nope")
+    assert await asql("select count(*) from absurd.queues") == [(2,)]
+
+
+async def test_cleanup_deletes_finished_tasks_past_the_ttl_in_rounds(project_absurd: Any) -> None:
+    await asql("update absurd.queues set cleanup_ttl = interval '0 seconds', cleanup_limit = 2")
+    try:
+        done = [await spawn(project_absurd, "worker_noop") for _ in range(5)]
+        await project_absurd.work_batch(claim_timeout=10, batch_size=5)
+        waiting = await spawn(project_absurd, "worker_noop")
+
+        out = await arun("absurd_cleanup")
+        assert "agents: deleted 5 task(s)" in out
+        remaining = await asql("select task_id::text from absurd.t_agents")
+        assert remaining == [(waiting,)]
+        assert await asql("select count(*) from absurd.r_agents where task_id = any(%s::uuid[])", [done]) == [(0,)]
+        assert "Nothing to clean up." in await arun("absurd_cleanup", "--queue", "agents")
+    finally:
+        await asql("update absurd.queues set cleanup_ttl = interval '30 days', cleanup_limit = 1000")

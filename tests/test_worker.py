@@ -1,0 +1,432 @@
+"""``manage.py absurd_worker`` as production runs it: real worker processes on a real PostgreSQL.
+
+The worker processes load ``tests.worker_tasks`` through ``ABSURD_AGENTS['TASK_MODULES']`` (a small
+settings module written per test extends ``tests.settings``), so task discovery is exercised the way
+a project uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from django.core.management import CommandError, call_command
+from django.db import connection
+
+from django_absurd_agents import absurd
+from django_absurd_agents.worker import WorkerConfig, WorkerError, heartbeat_age
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+SETTINGS_MODULE = "absurd_worker_test_settings"
+FAST = ["--poll-interval", "0.05", "--claim-timeout", "5"]
+
+
+def wait_until(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+class WorkerProcess:
+    """A ``python -m django absurd_worker`` child whose log goes to a file the test can read."""
+
+    def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
+        self.log_path = log
+        self._log = log.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "django", "absurd_worker", *args],
+            cwd="/work/main" if Path("/work/main").is_dir() else None,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_for_log(self, text: str, timeout: float = 20.0) -> None:
+        def seen() -> bool:
+            if self.process.poll() is not None and text not in self.log():
+                raise AssertionError(
+                    f"worker exited ({self.process.returncode}) before logging {text!r}:\n{self.log()}"
+                )
+            return text in self.log()
+
+        wait_until(seen, f"{text!r} in the worker log", timeout)
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"worker did not exit within {timeout}s:\n{self.log()}") from None
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def settings_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "settings"
+    directory.mkdir()
+    (directory / f"{SETTINGS_MODULE}.py").write_text(
+        "from tests.settings import *  # noqa: F403\n"
+        "ABSURD_AGENTS = {**ABSURD_AGENTS, 'TASK_MODULES': ['tests.worker_tasks']}  # noqa: F405\n"
+    )
+    return directory
+
+
+def process_env(base: dict[str, str], settings_dir: Path, tmp_path: Path) -> dict[str, str]:
+    env = dict(base)
+    env["DJANGO_SETTINGS_MODULE"] = SETTINGS_MODULE
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(settings_dir), os.getcwd(), env.get("PYTHONPATH")]))
+    env["WORKER_LOG"] = str(tmp_path / "runs.log")
+    return env
+
+
+@pytest.fixture
+def env(worker_env: dict[str, str], clean_queues: None, settings_dir: Path, tmp_path: Path) -> dict[str, str]:
+    return process_env(worker_env, settings_dir, tmp_path)
+
+
+@pytest.fixture
+def start_worker(env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def start(*args: str, extra_env: dict[str, str] | None = None) -> WorkerProcess:
+        worker = WorkerProcess({**env, **(extra_env or {})}, tmp_path / f"worker-{len(started)}.log", *args)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.close()
+
+
+def run_burst(env: dict[str, str], tmp_path: Path, *args: str) -> tuple[int, str]:
+    log = tmp_path / "burst.log"
+    with log.open("wb") as out:
+        result = subprocess.run(
+            [sys.executable, "-m", "django", "absurd_worker", "--burst", *FAST, *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=60,
+            check=False,
+        )
+    return result.returncode, log.read_text()
+
+
+def runs(env: dict[str, str]) -> list[tuple[str, str, int, int]]:
+    """(event, task_id, pid, monotonic ns) lines the handlers wrote."""
+    path = Path(env["WORKER_LOG"])
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        event, task_id, pid, at = line.split()
+        rows.append((event, task_id, int(pid), int(at)))
+    return rows
+
+
+def states(task_ids: list[str], queue: str = "agents") -> dict[str, str]:
+    with connection.cursor() as cursor:
+        cursor.execute(f"select task_id::text, state from absurd.t_{queue} where task_id = any(%s::uuid[])", [task_ids])
+        return dict(cursor.fetchall())
+
+
+def all_in_state(task_ids: list[str], state: str, queue: str = "agents") -> bool:
+    found = states(task_ids, queue)
+    return len(found) == len(task_ids) and set(found.values()) == {state}
+
+
+def spawn(name: str, params: Any = None, n: int = 1, **options: Any) -> list[str]:
+    return [absurd.spawn_sync(name, params if params is not None else {}, **options)["task_id"] for _ in range(n)]
+
+
+# --- configuration ---------------------------------------------------------------------------------
+
+
+def test_invalid_options_are_refused_with_the_fix() -> None:
+    with pytest.raises(WorkerError, match="lowercase letters"):
+        WorkerConfig.from_settings(queues=["Bad-Queue"])
+    with pytest.raises(WorkerError, match="at least 1 second"):
+        WorkerConfig.from_settings(claim_timeout=0)
+    config = WorkerConfig.from_settings(queues=["other", "other"])
+    assert config.queues == ("other",)
+    assert config.claim_timeout == 30  # from tests.settings
+
+
+def test_a_queue_missing_from_the_database_stops_the_worker_with_the_fix() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("select absurd.create_queue('scratch')")
+        cursor.execute("select absurd.drop_queue('scratch')")
+    with pytest.raises(CommandError, match=r"scratch do not exist.*migrate"):
+        call_command("absurd_worker", queues=["scratch"], burst=True, verbosity=0)
+
+
+# --- worker processes ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_burst_drains_every_queue_and_exits_zero(env: dict[str, str], tmp_path: Path) -> None:
+    records = spawn("worker_record", {"secret": "hunter2"}, n=12)
+    others = spawn("worker_other", queue="other", n=3)
+    orm = spawn("worker_orm", {"username": "from-worker"})
+
+    code, log = run_burst(env, tmp_path, "--concurrency", "4")
+
+    assert code == 0, log
+    assert all_in_state(records + orm, "completed"), states(records + orm)
+    assert all_in_state(others, "completed", "other")
+    assert "serving queue(s) agents, other with 4 slot(s) (up to 2 database connections per queue)" in log
+    assert "agents: worker_approval, worker_fail, worker_noop, worker_orm, worker_record; other: worker_other" in log
+    assert log.count("task completed name=worker_record") == 12
+    assert "hunter2" not in log  # params are never logged at INFO
+    result = absurd.fetch_task_result_sync(orm[0])
+    assert result is not None and result.result["renamed"] == 1  # the ORM works inside a task
+
+
+@pytest.mark.slow
+def test_a_tasks_orm_work_uses_one_connection_closed_when_the_task_ends(
+    env: dict[str, str], start_worker: Callable[..., WorkerProcess]
+) -> None:
+    worker = start_worker("--queue", "agents", *FAST)
+    [task_id] = spawn("worker_orm", {"username": "pid-check"})
+    wait_until(lambda: all_in_state([task_id], "completed"), "the ORM task")
+    result = absurd.fetch_task_result_sync(task_id)
+    assert result is not None
+    sync_to_async_pid, sync_tool_pid = result.result["pids"]
+    # sync_to_async and the agent's sync tool ran on the task's own thread, with its one connection...
+    assert sync_to_async_pid == sync_tool_pid
+    # ...which the worker closes once the task is over, while the worker itself keeps running.
+
+    def closed() -> bool:
+        with connection.cursor() as cursor:
+            cursor.execute("select count(*) from pg_stat_activity where pid = %s", [sync_tool_pid])
+            return cursor.fetchone()[0] == 0
+
+    wait_until(closed, "the task's connection to close")
+    assert worker.process.poll() is None
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
+
+
+@pytest.mark.slow
+def test_an_unknown_task_fails_with_a_message_naming_the_fix(env: dict[str, str], tmp_path: Path) -> None:
+    [task_id] = spawn("not_registered_anywhere")
+    code, log = run_burst(env, tmp_path, "--queue", "agents")
+    assert code == 0, log
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "select state, failure_reason from absurd.r_agents where task_id = %s and attempt = 1", [task_id]
+        )
+        state, reason = cursor.fetchone()
+    assert state == "failed"  # failed (and retried with backoff up to max_attempts), not put back forever
+    message = json.loads(reason)["message"]
+    assert "@absurd.register_task(name='not_registered_anywhere')" in message
+    assert "TASK_MODULES" in message
+    assert "no handler is registered for 'not_registered_anywhere'" in log
+
+
+@pytest.mark.slow
+def test_one_worker_serves_two_queues(env: dict[str, str], start_worker: Callable[..., WorkerProcess]) -> None:
+    worker = start_worker("--queue", "agents", "--queue", "other", "--concurrency", "2", *FAST)
+    agents_ids = spawn("worker_record", n=5)
+    other_ids = spawn("worker_other", queue="other", n=5)
+    wait_until(lambda: all_in_state(agents_ids, "completed") and all_in_state(other_ids, "completed", "other"), "tasks")
+    assert {pid for _, _, pid, _ in runs(env)} == {worker.process.pid}
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
+
+
+@pytest.mark.slow
+def test_sigterm_lets_the_running_task_finish_and_exits_zero(
+    env: dict[str, str], start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    heartbeat = tmp_path / "worker.heartbeat"
+    worker = start_worker("--queue", "agents", "--heartbeat-file", str(heartbeat), *FAST)
+    wait_until(lambda: (age := heartbeat_age(str(heartbeat))) is not None and age < 5, "a fresh heartbeat")
+    [task_id] = spawn("worker_record", {"sleep": 1.0})
+    wait_until(lambda: any(event == "start" for event, *_ in runs(env)), "the task to start")
+
+    worker.signal(signal.SIGTERM)
+    worker.wait_for_log("Stopping (SIGTERM")
+    [late] = spawn("worker_noop")  # spawned after the signal: not claimed any more
+
+    assert worker.wait() == 0, worker.log()
+    assert [event for event, *_ in runs(env)] == ["start", "end"]
+    assert states([task_id, late]) == {task_id: "completed", late: "pending"}
+    assert not heartbeat.exists()
+
+
+@pytest.mark.slow
+def test_a_task_outliving_the_grace_period_is_handed_back(
+    env: dict[str, str], start_worker: Callable[..., WorkerProcess]
+) -> None:
+    worker = start_worker("--queue", "agents", "--shutdown-grace", "0.2", *FAST)
+    [task_id] = spawn("worker_record", {"sleep": 60})
+    wait_until(lambda: runs(env), "the task to start")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0, worker.log()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "select state, claimed_by, available_at <= now(), attempt from absurd.r_agents where task_id = %s",
+            [task_id],
+        )
+        assert cursor.fetchall() == [("sleeping", None, True, 1)]  # claimable at once, same attempt
+
+
+@pytest.mark.slow
+def test_a_second_signal_exits_at_once(env: dict[str, str], start_worker: Callable[..., WorkerProcess]) -> None:
+    worker = start_worker("--queue", "agents", "--shutdown-grace", "120", *FAST)
+    [task_id] = spawn("worker_record", {"sleep": 120})
+    wait_until(lambda: runs(env), "the task to start")
+    worker.signal(signal.SIGTERM)
+    worker.wait_for_log("Stopping (SIGTERM")
+    worker.signal(signal.SIGINT)
+    assert worker.wait(timeout=5) == 128 + signal.SIGINT
+    assert "Second SIGINT: exiting now" in worker.log()
+    assert states([task_id]) == {task_id: "running"}  # its lease expires, then another worker resumes it
+
+
+@pytest.mark.slow
+def test_two_workers_run_each_of_200_tasks_exactly_once(
+    env: dict[str, str], start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    beats = [tmp_path / "a.heartbeat", tmp_path / "b.heartbeat"]
+    workers = [
+        start_worker("--queue", "agents", "--concurrency", "8", "--heartbeat-file", str(beat), *FAST) for beat in beats
+    ]
+    wait_until(lambda: all(beat.exists() for beat in beats), "both workers to be up")
+    task_ids = spawn("worker_record", {"sleep": 0.005}, n=200)
+
+    wait_until(lambda: all_in_state(task_ids, "completed"), "200 completed tasks", timeout=40)
+    for worker in workers:
+        worker.signal(signal.SIGTERM)
+    assert [worker.wait() for worker in workers] == [0, 0]
+
+    rows = runs(env)
+    starts = Counter(task for event, task, _, _ in rows if event == "start")
+    ends = Counter(task for event, task, _, _ in rows if event == "end")
+    assert set(starts) == set(ends) == set(task_ids)
+    assert set(starts.values()) == set(ends.values()) == {1}
+    spans: dict[str, list[int]] = {}
+    for _, task, _, at in rows:
+        spans.setdefault(task, []).append(at)
+    assert all(start <= end for start, end in spans.values())
+    by_worker = Counter(pid for event, _, pid, _ in rows if event == "start")
+    assert set(by_worker) == {worker.process.pid for worker in workers}, by_worker
+
+
+# --- database restart ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def private_server() -> Iterator[tuple[Any, Callable[[], Any]]]:
+    """An embedded PostgreSQL this test may stop and start; yields (server, restart)."""
+    embedded = pytest.importorskip("django_absurd_agents.embedded")
+    try:
+        embedded.bin_dir()
+    except embedded.EmbeddedPostgresError as exc:
+        pytest.skip(str(exc))
+    directory = tempfile.mkdtemp(prefix="absurd-worker-restart-")
+    os.chmod(directory, 0o755)  # the server runs as an unprivileged user when we are root
+    servers = [embedded.ensure_server(directory)]
+
+    def restart() -> Any:
+        servers.append(embedded.ensure_server(directory))
+        return servers[-1]
+
+    try:
+        yield servers[0], restart
+    finally:
+        for server in servers:
+            server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_the_worker_survives_a_postgres_restart(
+    private_server: tuple[Any, Callable[[], Any]], settings_dir: Path, tmp_path: Path
+) -> None:
+    server, restart = private_server
+    server.create_database("worker_restart")
+    url = server.url("worker_restart")
+    import absurdctl
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(absurdctl.BUNDLED_SCHEMA_SQL)
+        conn.execute("select absurd.create_queue('agents')")
+
+    def spawn_raw(n: int, sleep: float = 0) -> list[str]:
+        with psycopg.connect(url, autocommit=True) as conn:
+            return [
+                str(
+                    conn.execute(
+                        "select task_id from absurd.spawn_task('agents', 'worker_record', %s::jsonb, %s::jsonb)",
+                        [json.dumps({"sleep": sleep}), json.dumps({"max_attempts": 5})],
+                    ).fetchone()[0]  # type: ignore[index]
+                )
+                for _ in range(n)
+            ]
+
+    def completed(task_ids: list[str]) -> bool:
+        try:
+            with psycopg.connect(url, autocommit=True, connect_timeout=2) as conn:
+                rows = conn.execute(
+                    "select count(*) from absurd.t_agents where task_id = any(%s::uuid[]) and state = 'completed'",
+                    [task_ids],
+                ).fetchone()
+        except psycopg.OperationalError:
+            return False
+        return rows is not None and rows[0] == len(task_ids)
+
+    env = process_env({**os.environ, "DATABASE_URL": url}, settings_dir, tmp_path)
+    worker = WorkerProcess(env, tmp_path / "worker.log", "--queue", "agents", "--concurrency", "4",
+                           "--poll-interval", "0.05", "--claim-timeout", "2")  # fmt: skip
+    try:
+        before = spawn_raw(10)
+        wait_until(lambda: completed(before), "the first tasks")
+        in_flight = spawn_raw(3, sleep=1.0)
+        wait_until(lambda: sum(event == "start" and task in in_flight for event, task, *_ in runs(env)) == 3, "starts")
+
+        server.stop()
+        # Stay down for a few failed claims, so the worker backs off and retries more than once.
+        wait_until(lambda: worker.log().count("the database connection failed") >= 3, "failed claims")
+        restart()
+        after = spawn_raw(10)
+
+        wait_until(lambda: completed(before + in_flight + after), "every task after the restart", timeout=30)
+        assert worker.process.poll() is None, worker.log()
+        assert "database reachable again" in worker.log()
+        worker.signal(signal.SIGTERM)
+        assert worker.wait() == 0, worker.log()
+    finally:
+        worker.close()

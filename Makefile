@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip install --quiet --no-deps --target $(VENV)/absurdctl-0.5.0 absurdctl==0.5.0  # upgrade test's old schema
 	@touch $(STAMP)
 
 demo: install
@@ -34,13 +35,17 @@ pytest: install
 
 test: lint typecheck pytest test-django52
 
-# Django 5.2 LTS leg: a second venv with the same pins but Django 5.2.
+# Django 5.2 LTS leg: a second venv with the same pins except Django 5.2 (and its stubs).
+VENV52 := .venv-django52
 test-django52: install
-	@test -x .venv-django52/bin/python || ($(PYTHON) -m venv .venv-django52 && \
-		.venv-django52/bin/python -m pip install --quiet --upgrade pip && \
-		.venv-django52/bin/python -m pip install --quiet -r requirements-dev.txt "django>=5.2,<5.3" && \
-		.venv-django52/bin/python -m pip install --quiet --no-deps -e .)
-	.venv-django52/bin/python -m pytest -q -m "not slow"
+	@test -f $(VENV52)/.installed || ( $(PYTHON) -m venv $(VENV52) && \
+		$(VENV52)/bin/python -m pip install --quiet --upgrade pip && \
+		grep -viE '^(django|django-stubs|django-stubs-ext)==' requirements-dev.txt > $(VENV52)/requirements.txt && \
+		$(VENV52)/bin/python -m pip install --quiet -r $(VENV52)/requirements.txt "django>=5.2,<5.3" && \
+		$(VENV52)/bin/python -m pip install --quiet --no-deps -e . && \
+		$(VENV52)/bin/python -m pip install --quiet --no-deps --target $(VENV52)/absurdctl-0.5.0 absurdctl==0.5.0 && \
+		touch $(VENV52)/.installed )
+	$(VENV52)/bin/python -m pytest -q -m "not slow"
 
 docs: install
 	$(VENV)/bin/mkdocs build --strict

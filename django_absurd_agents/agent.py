@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 from pydantic_ai.agent import AbstractAgent, EventStreamHandler, WrapperAgent
 from pydantic_ai.exceptions import UserError
-from pydantic_ai.models import Model
+from pydantic_ai.models import Model, infer_model
 
 from django_absurd_agents.durability import AbsurdDurability, current_task_context
 
@@ -27,7 +27,7 @@ class AbsurdAgent(WrapperAgent[Any, Any]):
         absurd: Any,
         *,
         name: str | None = None,
-        models: Mapping[str, Model] | None = None,
+        models: Mapping[str, Model | str] | None = None,
         event_stream_handler: EventStreamHandler[Any] | None = None,
     ) -> None:
         super().__init__(inner_agent)
@@ -45,7 +45,11 @@ class AbsurdAgent(WrapperAgent[Any, Any]):
             )
         self._absurd_name = agent_name
         self.absurd = absurd
-        self._models = dict(models or {})
+        # A model name is built once here, so a run selects it by id like any registered instance.
+        self._models = {
+            key: infer_model(value) if isinstance(value, str) else value for key, value in (models or {}).items()
+        }
+        models = self._models
         self.durability: AbsurdDurability[Any] = AbsurdDurability(
             models=models, event_stream_handler=event_stream_handler, name=agent_name
         )

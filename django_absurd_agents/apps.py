@@ -4,7 +4,7 @@ from typing import Any
 
 from django.apps import AppConfig
 from django.db import connections
-from django.db.models.signals import post_migrate
+from django.db.models.signals import post_migrate, pre_migrate
 
 
 class AbsurdAgentsConfig(AppConfig):
@@ -15,7 +15,9 @@ class AbsurdAgentsConfig(AppConfig):
 
     def ready(self) -> None:
         from django_absurd_agents import checks  # noqa: F401  (registers the system checks)
+        from django_absurd_agents.schema import refuse_schema_drop
 
+        pre_migrate.connect(refuse_schema_drop, sender=self, dispatch_uid="absurd_agents_refuse_schema_drop")
         post_migrate.connect(provision_queues, sender=self, dispatch_uid="absurd_agents_provision_queues")
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
+from django.core.signals import setting_changed
 
 DEFAULTS: dict[str, Any] = {
     # Database alias whose connection the Absurd client and the sync helpers use.
@@ -92,8 +93,26 @@ class AgentsSettings:
         return self.task_routes.get(task_name, self.default_queue)
 
 
+_cache: list[AgentsSettings] = []
+
+
+def _clear_cache(*, setting: str, **kwargs: Any) -> None:
+    if setting == "ABSURD_AGENTS":
+        _cache.clear()
+
+
+setting_changed.connect(_clear_cache, dispatch_uid="absurd_agents_conf_cache")
+
+
 def get() -> AgentsSettings:
-    """The effective settings: defaults overlaid with ``settings.ABSURD_AGENTS``."""
+    """The effective settings: defaults overlaid with ``settings.ABSURD_AGENTS`` (cached; tests'
+    ``override_settings`` clears the cache)."""
+    if not _cache:
+        _cache.append(_build())
+    return _cache[0]
+
+
+def _build() -> AgentsSettings:
     merged = {**DEFAULTS, **user_settings()}
     queues = tuple(merged["QUEUES"] or ())
     default_queue = merged["DEFAULT_QUEUE"] or (queues[0] if queues else "agents")

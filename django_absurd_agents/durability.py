@@ -13,9 +13,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from absurd_sdk import AsyncTaskContext, get_current_context
+from absurd_sdk import AsyncTaskContext, StepHandle, get_current_context
 from pydantic_ai.agent import EventStreamHandler
-from pydantic_ai.capabilities.abstract import WrapRunHandler
+from pydantic_ai.capabilities import Instrumentation
+from pydantic_ai.capabilities.abstract import AbstractCapability, CapabilityOrdering, WrapRunHandler
 from pydantic_ai.durable_exec import (
     JSON_CODEC,
     BaseDurabilityCapability,
@@ -66,10 +67,13 @@ class AbsurdOperationBackend(JournalCallableOperationBackend[None]):
         config: None,
     ) -> object:
         ctx = _require_context(f"The durable step {name!r}")
-        handle = await ctx.begin_step(name)
-        if handle.done:
+        # absurd-sdk loaded the task's committed checkpoints when it was claimed, and adds each one this
+        # run writes: a name missing from them is a new step, so skip the SDK's per-step SELECT.
+        checkpoint_name = ctx._get_checkpoint_name(name)
+        if checkpoint_name in ctx._checkpoint_cache:
             record_durable_unit(executed=False)
-            return handle.state
+            return ctx._checkpoint_cache[checkpoint_name]
+        handle = StepHandle(name=name, checkpoint_name=checkpoint_name, done=False)
         if lease_kept(ctx):
             value = await body()
         else:  # a task run by a plain absurd_sdk client: keep its lease for the step ourselves
@@ -78,6 +82,24 @@ class AbsurdOperationBackend(JournalCallableOperationBackend[None]):
         await ctx.complete_step(handle, value)
         record_durable_unit(executed=True)
         return value
+
+
+class AbsurdReplayScope(AbstractCapability[Any]):
+    """Opens ``replay_scope()`` around the whole durable run, outside the run span of ``Instrumentation``.
+
+    ``AbsurdDurability`` is innermost, ``Instrumentation`` outermost: a scope opened in the durability's
+    own ``wrap_run`` starts after the run span, so a replay that ran no step would still export its
+    run span, aggregated usage and all. This companion sits outside it.
+    """
+
+    def get_ordering(self) -> CapabilityOrdering:
+        return CapabilityOrdering(position="outermost", wraps=(Instrumentation,))
+
+    async def wrap_run(self, ctx: RunContext[Any], *, handler: WrapRunHandler) -> AgentRunResult[Any]:
+        if current_task_context() is None:
+            return await handler()
+        with replay_scope():
+            return await handler()
 
 
 @dataclass(init=False, kw_only=True)
@@ -148,11 +170,16 @@ class AbsurdDurability(BaseDurabilityCapability[AgentDepsT]):
             config=RoleBasedOperationConfig(model=None, event=None, capability=None, tool=None),
         )
 
+    def _companion_capabilities(self) -> list[AbstractCapability[AgentDepsT]]:
+        return [AbsurdReplayScope(), *super()._companion_capabilities()]
+
     async def wrap_run(self, ctx: RunContext[AgentDepsT], *, handler: WrapRunHandler) -> AgentRunResult[Any]:
         task = current_task_context()
         if task is None:
             return await super().wrap_run(ctx, handler=handler)
         from django_absurd_agents.external_events import AbsurdEventWaiter
 
-        with replay_scope(), external_event_scope(AbsurdEventWaiter(task, self.name)):
+        # replay_scope() is opened by AbsurdReplayScope, outside the run span: a second scope here
+        # would start a fresh tally that the run span never hears from.
+        with external_event_scope(AbsurdEventWaiter(task, self.name)):
             return await super().wrap_run(ctx, handler=handler)

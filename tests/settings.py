@@ -1,6 +1,13 @@
 """Settings of the test suite: the embedded PostgreSQL, or any server in DATABASE_URL."""
 
+import sys
+from pathlib import Path
+
 from django_absurd_agents import database_config
+
+# The example project's app is tested too; worker processes started by tests import these settings,
+# so the path is set here rather than in pytest's configuration.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "example_project"))
 
 SECRET_KEY = "tests-only"
 DEBUG = False
@@ -13,6 +20,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django_absurd_agents",
     "tests.testapp",
+    "analyst",
 ]
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",

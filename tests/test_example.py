@@ -228,21 +228,25 @@ def test_chat_pages_need_a_login_and_show_only_your_own_conversations(client: Cl
 
 
 def test_the_demo_proof_holds_for_a_run_in_this_process(call_log: Path) -> None:
+    # Another task run by the same worker logs to the same file: the proof must count only its own.
+    other = request_report("Globex Energy", "And this one?")
     request = request_report("Acme Robotics", "How is it doing?")
-    drain(task_done(request.task_id))
+    drain(lambda: task_done(other.task_id)() and task_done(request.task_id)())
     pid = os.getpid()
 
     proof = demo.collect_proof(str(request.task_id), call_log, {pid: "this process"})
 
     assert proof.ok, proof.checks
     assert [step.name for step in proof.progress.steps] == REPORT_STEPS
-    assert read_call_log(call_log) == [
-        Call("model", "1", pid),
-        Call("tool", "company_figures", pid),
-        Call("tool", "recent_news", pid),
-        Call("model", "2", pid),
-        Call("tool", "save_report", pid),
-        Call("model", "3", pid),
+    task = str(request.task_id)
+    assert len(read_call_log(call_log)) == 12
+    assert read_call_log(call_log, task) == [
+        Call("model", "1", pid, task),
+        Call("tool", "company_figures", pid, task),
+        Call("tool", "recent_news", pid, task),
+        Call("model", "2", pid, task),
+        Call("tool", "save_report", pid, task),
+        Call("model", "3", pid, task),
     ]
     texts = [check.text for check in proof.checks]
     assert texts[0] == "each of the 3 model calls was paid for once: calls 1, 2, 3 by this process"

@@ -46,10 +46,15 @@ async def lookup_model(messages: list[ModelMessage], info: AgentInfo) -> ModelRe
 
 
 lookups: list[str] = []
+crash_lookup = {"armed": False}
+"""When armed, the next lookup fails the attempt (once), after the first model request was recorded."""
 
 
 def lookup(symbol: str) -> str:
     """What the desk thinks of a stock."""
+    if crash_lookup["armed"]:
+        crash_lookup["armed"] = False
+        raise RuntimeError("the worker dies inside the tool")
     lookups.append(symbol)
     return f"{symbol} is fine"
 
@@ -75,7 +80,7 @@ def token_measurements() -> int:
         for scope in resource.scope_metrics:
             for metric in scope.metrics:
                 if metric.name == "gen_ai.client.token.usage":
-                    count += sum(point.count for point in metric.data.data_points)  # type: ignore[attr-defined]
+                    count += sum(int(getattr(point, "count", 0)) for point in metric.data.data_points)
     return count
 
 
@@ -132,3 +137,21 @@ async def test_a_fully_replayed_run_emits_no_run_span(project_absurd: Any, agent
     exported again, it would count the run's tokens twice in any backend that sums run spans."""
     _, replay = await run_twice(project_absurd, agent)
     assert replay["spans"] == []
+
+
+@pytest.mark.parametrize("agent", ["wrapper", "capability"])
+async def test_a_resumed_run_reports_only_the_steps_it_ran(project_absurd: Any, agent: str) -> None:
+    """Attempt 1 dies in the tool; attempt 2 replays model request 1 and runs the rest."""
+    attempts.clear()
+    lookups.clear()
+    crash_lookup["armed"] = True
+    spawned = await project_absurd.spawn(
+        "observed_then_fail_once", {"agent": agent}, retry_strategy={"kind": "none"}, max_attempts=2
+    )
+    snapshot = await drain(project_absurd, spawned["task_id"])
+    assert snapshot.state == "completed", snapshot
+    [resumed] = attempts  # attempt 1 never got past the tool
+    assert lookups == ["ACME"]
+    # Model request 1 was replayed: one chat span (request 2), the tool, and the run that did work.
+    assert resumed["spans"] == ["chat", "execute_tool", "invoke_agent"]
+    assert resumed["token_measurements"] == 2

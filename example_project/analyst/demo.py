@@ -79,6 +79,16 @@ def checkpoint_recorded(task_id: str, name: str) -> bool | None:
     return True if row else None
 
 
+def other_unfinished_tasks(task_id: str) -> int:
+    """Tasks of the queue, other than ours, that the demo's workers would also run."""
+    row = _one(
+        f"""select count(*) from absurd."t_{task_queue()}"
+             where task_id <> %s and state in ('pending', 'running', 'sleeping')""",
+        [task_id],
+    )
+    return int(str(row[0])) if row else 0
+
+
 def attempt_started(task_id: str, attempt: int) -> int | None:
     """The attempt number once a run numbered ``attempt`` or later has been claimed by a worker."""
     row = _one(
@@ -313,7 +323,7 @@ def collect_proof(task_id: str, call_log: Path, worker_names: dict[int, str], ki
     if progress is None:
         raise DemoError(f"Task {task_id} is gone from queue {task_queue()!r}.")
     reports = Report.objects.filter(task_id=task_id).count()
-    return prove(progress, read_call_log(call_log), reports, worker_names, killed_pid)
+    return prove(progress, read_call_log(call_log, task_id), reports, worker_names, killed_pid)
 
 
 def describe_steps(steps: list[Step]) -> str:

@@ -8,7 +8,8 @@
   (``pip install "pydantic-ai-slim[openai]"``).
 
 Whichever model runs, ``CountedModel`` appends one line to the file named by ``EXAMPLE_CALL_LOG`` for
-every response received, and the tools do the same for every call. ``make demo`` reads that file to
+every response received, and the tools do the same for every call, each with the process and the
+Absurd task it was made for. ``make demo`` reads that file to
 prove that a killed worker's completed calls were not paid for again.
 """
 
@@ -20,6 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from absurd_sdk import get_current_context
 from pydantic_ai.messages import (
     ModelMessage,
     ModelRequest,
@@ -74,6 +76,7 @@ class Call:
     kind: str  # "model" or "tool"
     name: str  # the model call's number in the run, or the tool's name
     pid: int
+    task_id: str = "-"  # the Absurd task the call was made for; "-" outside a task
 
 
 def log_call(kind: str, name: str) -> None:
@@ -85,22 +88,26 @@ def log_call(kind: str, name: str) -> None:
     path = os.environ.get(CALL_LOG_ENV)
     if not path:
         return
+    ctx = get_current_context()
+    task_id = str(ctx.task_id) if ctx is not None else "-"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, f"{kind} {name} {os.getpid()}\n".encode())
+        os.write(fd, f"{kind} {name} {os.getpid()} {task_id}\n".encode())
     finally:
         os.close(fd)
 
 
-def read_call_log(path: str | Path) -> list[Call]:
+def read_call_log(path: str | Path, task_id: str | None = None) -> list[Call]:
+    """The calls logged in ``path``, only those made for ``task_id`` when given."""
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
         return []
     calls = []
     for line in text.splitlines():
-        kind, name, pid = line.split(" ")
-        calls.append(Call(kind=kind, name=name, pid=int(pid)))
+        kind, name, pid, task = line.split(" ")
+        if task_id is None or task == str(task_id):
+            calls.append(Call(kind=kind, name=name, pid=int(pid), task_id=task))
     return calls
 
 

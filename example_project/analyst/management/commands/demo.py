@@ -22,7 +22,7 @@ from django.db import connections
 from analyst import demo
 from analyst.llm import describe_model
 from analyst.market import COMPANIES
-from analyst.reports import request_report
+from analyst.reports import request_report, task_queue
 from django_absurd_agents.conf import get as agent_settings
 
 SUPERUSER = ("admin", "admin")
@@ -61,6 +61,13 @@ class Command(BaseCommand):
             report_request = request_report(options["company"], QUESTION)
             task_id = str(report_request.task_id)
             self.event(f"asked for a report on {options['company']}: task {task_id}")
+            others = demo.other_unfinished_tasks(task_id)
+            if others:
+                self.event(
+                    f"note: {demo.plural(others, 'other unfinished task')} in queue {task_queue()!r} will run in "
+                    "the demo's workers too; the proof counts only this task's calls",
+                    indent=True,
+                )
 
             first = demo.start_worker(1, claim_timeout=claim_timeout, workdir=workdir, env=env)
             workers.append(first)

@@ -33,7 +33,7 @@ typecheck: install
 pytest: install
 	$(PY) -m pytest -q
 
-test: lint typecheck pytest test-django52
+test: lint typecheck docs pytest test-django52
 
 # Django 5.2 LTS leg: a second venv with the same pins except Django 5.2 (and its stubs).
 VENV52 := .venv-django52
@@ -48,7 +48,7 @@ test-django52: install
 	$(VENV52)/bin/python -m pytest -q -m "not slow"
 
 docs: install
-	$(VENV)/bin/mkdocs build --strict
+	$(VENV)/bin/mkdocs build --strict --quiet
 
 bench: install
 	$(PY) bench/run_all.py

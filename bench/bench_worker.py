@@ -260,7 +260,7 @@ def main() -> None:
     parser.add_argument("--trivial-concurrency", type=int, nargs="+", default=[10, 50])
     parser.add_argument("--agents", type=int, default=1000, help="agent runs per measurement")
     parser.add_argument("--agent-concurrency", type=int, default=50)
-    parser.add_argument("--idle-seconds", type=float, default=10.0)
+    parser.add_argument("--idle-seconds", type=float, default=20.0)
     parser.add_argument("--sleepy", type=int, default=1000, help="checkpointed 200-1000 ms sleeps per measurement")
     parser.add_argument("--skip", nargs="*", default=[], choices=["trivial", "agents", "sleepy", "idle"])
     args = parser.parse_args()

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from contextvars import ContextVar
 
+import psycopg
 from absurd_sdk import AsyncTaskContext, CancelledTask, FailedTask
 
 logger = logging.getLogger("django_absurd_agents.worker")
@@ -49,8 +50,13 @@ async def keep_lease(ctx: AsyncTaskContext) -> AsyncIterator[None]:
                 if body is not None:
                     body.cancel()
                 return
-            except Exception:  # a dropped connection: the body's next write reports it
-                logger.warning("Could not extend the lease of task %s", ctx.task_id, exc_info=True)
+            except Exception as exc:  # a dropped connection: the body's next write reports it
+                logger.warning(
+                    "Could not extend the lease of task %s: %s",
+                    ctx.task_id,
+                    exc,
+                    exc_info=not isinstance(exc, psycopg.OperationalError),
+                )
                 return
 
     extender = asyncio.create_task(extend())

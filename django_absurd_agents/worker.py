@@ -287,6 +287,7 @@ class Worker:
         self._changed: asyncio.Condition | None = None
         self._stop_event: asyncio.Event | None = None
         self._signalled: asyncio.Event | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     # --- slots ------------------------------------------------------------------------------------
 
@@ -310,7 +311,9 @@ class Worker:
         if self._stop_event is not None:
             self._stop_event.set()
         if self._changed is not None:
-            asyncio.get_running_loop().create_task(self._notify())
+            notify = asyncio.get_running_loop().create_task(self._notify())
+            self._background.add(notify)  # the loop keeps only a weak reference to a task
+            notify.add_done_callback(self._background.discard)
 
     def _on_signal(self, signum: int) -> None:
         self._signals += 1
@@ -569,8 +572,8 @@ class Worker:
             level = logging.WARNING if is_connection_error(exc) else logging.ERROR
             logger.log(
                 level,
-                "task unrecorded name=%s id=%s queue=%s attempt=%s duration=%.3fs: could not write its outcome "
-                "(%s); it runs again once its lease expires (at most %ds).",
+                "task unrecorded name=%s id=%s queue=%s attempt=%s duration=%.3fs: the database failed while it "
+                "ran (%s); it runs again once its lease expires (at most %ds).",
                 task["task_name"],
                 task["task_id"],
                 queue.name,
@@ -702,12 +705,17 @@ class Worker:
         path = self.config.heartbeat_file
         if not path:
             return
+        failing = False
         while True:
             if self.healthy():
                 try:
                     await asyncio.to_thread(write_heartbeat, path)
                 except OSError as exc:
-                    logger.warning("Cannot write the heartbeat file %s: %s", path, exc)
+                    if not failing:
+                        logger.warning("Cannot write the heartbeat file %s: %s", path, exc)
+                    failing = True
+                else:
+                    failing = False
             await asyncio.sleep(self.config.poll_interval)
 
     def _remove_heartbeat(self) -> None:

@@ -26,7 +26,7 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 
 from django_absurd_agents import absurd
-from django_absurd_agents.worker import WorkerConfig, WorkerError, heartbeat_age
+from django_absurd_agents.worker import Worker, WorkerConfig, WorkerError, heartbeat_age
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -191,6 +191,28 @@ def test_a_queue_missing_from_the_database_stops_the_worker_with_the_fix() -> No
         call_command("absurd_worker", queues=["scratch"], burst=True, verbosity=0)
 
 
+async def test_checkpoints_are_not_part_of_the_tasks_own_transaction(clean_queues: None) -> None:
+    from asgiref.sync import sync_to_async
+
+    from tests import worker_tasks  # noqa: F401  (registers the handlers in this process)
+
+    task_id = (await sync_to_async(absurd.spawn_sync)("worker_atomic", {"username": "rolled-back"}))["task_id"]
+    config = WorkerConfig.from_settings(queues=["agents"], burst=True, poll_interval=0.05)
+    assert await Worker(config).run(handle_signals=False) == 0
+
+    def outcome() -> tuple[Any, ...]:
+        from django.contrib.auth.models import User
+
+        with connection.cursor() as cursor:
+            cursor.execute("select checkpoint_name from absurd.c_agents where task_id = %s", [task_id])
+            checkpoints = [row[0] for row in cursor.fetchall()]
+        snapshot = absurd.fetch_task_result_sync(task_id)
+        return snapshot.state if snapshot else None, checkpoints, User.objects.filter(username="rolled-back").exists()
+
+    # The user's rollback undid the user's row, not the checkpoint written meanwhile.
+    assert await sync_to_async(outcome)() == ("completed", ["note"], False)
+
+
 # --- worker processes ------------------------------------------------------------------------------
 
 
@@ -206,7 +228,11 @@ def test_burst_drains_every_queue_and_exits_zero(env: dict[str, str], tmp_path: 
     assert all_in_state(records + orm, "completed"), states(records + orm)
     assert all_in_state(others, "completed", "other")
     assert "serving queue(s) agents, other with 4 slot(s) (up to 2 database connections per queue)" in log
-    assert "agents: worker_approval, worker_fail, worker_noop, worker_orm, worker_record; other: worker_other" in log
+    banner_tasks = dict(
+        part.split(": ", 1) for part in log.split("Tasks: ", 1)[1].split(".\n", 1)[0].split("; ")
+    )  # {"agents": "..., worker_record, ...", "other": "worker_other"}
+    assert {"worker_noop", "worker_orm", "worker_record"} <= set(banner_tasks["agents"].split(", "))
+    assert banner_tasks["other"] == "worker_other"
     assert log.count("task completed name=worker_record") == 12
     assert "hunter2" not in log  # params are never logged at INFO
     result = absurd.fetch_task_result_sync(orm[0])
@@ -264,6 +290,23 @@ def test_one_worker_serves_two_queues(env: dict[str, str], start_worker: Callabl
     assert {pid for _, _, pid, _ in runs(env)} == {worker.process.pid}
     worker.signal(signal.SIGTERM)
     assert worker.wait() == 0
+
+
+@pytest.mark.slow
+def test_max_tasks_exits_zero_after_that_many(env: dict[str, str], tmp_path: Path) -> None:
+    task_ids = spawn("worker_record", n=5)
+    log = tmp_path / "max-tasks.log"
+    with log.open("wb") as out:
+        result = subprocess.run(
+            [sys.executable, "-m", "django", "absurd_worker", "--max-tasks", "3", "--concurrency", "2", *FAST],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 0, log.read_text()
+    assert sorted(states(task_ids).values()) == ["completed"] * 3 + ["pending"] * 2
 
 
 @pytest.mark.slow

@@ -122,3 +122,23 @@ async def approval(params: dict[str, Any], ctx: Any) -> dict[str, Any]:
     draft = await ctx.step("prepare", prepare)
     decision = await ctx.await_event(f"approval:{ctx.task_id}")
     return {"draft": draft, "decision": decision}
+
+
+@absurd.register_task(name="worker_atomic")
+async def atomic(params: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Checkpoint a step while the task's own Django transaction is open, then roll that transaction back."""
+    from asgiref.sync import sync_to_async
+    from django.contrib.auth.models import User
+    from django.db import transaction
+
+    block = transaction.atomic()
+    await sync_to_async(block.__enter__)()  # every sync_to_async call of this task runs on its one thread
+    await sync_to_async(User.objects.create)(username=params["username"])
+
+    async def note() -> str:
+        return "written while the user's transaction was open"
+
+    await ctx.step("note", note)
+    rollback = RuntimeError("roll back")
+    await sync_to_async(block.__exit__)(RuntimeError, rollback, None)
+    return {"done": True}

@@ -48,7 +48,7 @@ test-django52: install
 	$(VENV52)/bin/python -m pytest -q -m "not slow"
 
 docs: install
-	$(VENV)/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 bench: install
 	$(PY) bench/run_all.py

@@ -564,6 +564,8 @@ def analyse(
             "claim_timeout_s": plan.claim_timeout,
             "kill_every_s": plan.kill_every,
             "seed": plan.seed,
+            "model_requests_per_task": STEPS + 1,
+            "side_effects_per_task": STEPS,
         },
         "completed": completed,
         "kills": len(fleet.kills),

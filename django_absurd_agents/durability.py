@@ -34,6 +34,7 @@ from pydantic_ai.exceptions import UserError
 from pydantic_ai.models import Model
 from pydantic_ai.run import AgentRunResult
 from pydantic_ai.tools import AgentDepsT, RunContext
+from pydantic_core import PydanticSerializationError
 
 from django_absurd_agents.lease import keep_lease, lease_kept
 
@@ -52,6 +53,10 @@ def _require_context(what: str) -> AsyncTaskContext:
     if ctx is None:
         raise UserError(f"{what} needs to run inside an Absurd task handler (@absurd.register_task).")
     return ctx
+
+
+class UnrecordableStepResult(TypeError):
+    """A step's result cannot be written to its checkpoint; the message names the step (and so the tool)."""
 
 
 class AbsurdOperationBackend(JournalCallableOperationBackend[None]):
@@ -74,11 +79,17 @@ class AbsurdOperationBackend(JournalCallableOperationBackend[None]):
             record_durable_unit(executed=False)
             return ctx._checkpoint_cache[checkpoint_name]
         handle = StepHandle(name=name, checkpoint_name=checkpoint_name, done=False)
-        if lease_kept(ctx):
-            value = await body()
-        else:  # a task run by a plain absurd_sdk client: keep its lease for the step ourselves
-            async with keep_lease(ctx):
+        try:
+            if lease_kept(ctx):
                 value = await body()
+            else:  # a task run by a plain absurd_sdk client: keep its lease for the step ourselves
+                async with keep_lease(ctx):
+                    value = await body()
+        except PydanticSerializationError as exc:
+            raise UnrecordableStepResult(
+                f"The durable step {name!r} returned a value that cannot be recorded as JSON: {exc}. Return data "
+                "(str, numbers, dicts, lists, pydantic models, dataclasses, datetimes) from the tool or model."
+            ) from exc
         await ctx.complete_step(handle, value)
         record_durable_unit(executed=True)
         return value

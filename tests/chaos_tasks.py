@@ -4,13 +4,16 @@ Worker processes import this module through ``ABSURD_AGENTS['TASK_MODULES']`` (`
 
 ``chaos_agent`` is an agent run of ``STEPS`` tool calls: its FunctionModel sleeps 0-300 ms at random per
 request, then asks for the tool ``record_effect`` (a side effect, then 0-100 ms waiting for its
-acknowledgement) with the step number; after the last step it answers with the effects it saw. Every model request (start and end), every tool side effect and every
-execution of the task's code (start and end) is appended as one JSON line to the file named by
-``$CHAOS_LOG``, with the task id, the run id, the process id and the time. Those lines are written
-outside any checkpoint, so neither a killed worker nor a restarted database takes them back: the chaos
-script reads them afterwards to count what ran twice.
+acknowledgement) with the step number; after the last step it answers with the effects it saw.
 
-``load_agent`` is the same shape with no latency and no log, for measuring the engine's own cost.
+Every model request (start and end), every side effect and every execution of the task's code (start
+and end) is appended as one JSON line to the file named by ``$CHAOS_LOG``, with the task id, the run
+id, the process id and the time. Those lines are written outside any checkpoint, so neither a killed
+worker nor a restarted database takes them back: the chaos script reads them afterwards to count
+what ran twice.
+
+``load_agent`` has the same shape with no latency and no log (one tool call), for measuring the
+engine's own cost.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from tests.settings import *  # noqa: F403
 from tests.settings import ABSURD_AGENTS
 
 INSTALLED_APPS = ["django.contrib.contenttypes", "django.contrib.auth", "django_absurd_agents"]
-MIDDLEWARE: list[str] = []
+MIDDLEWARE = []
 ROOT_URLCONF = "tests.settings_chaos"
 urlpatterns: list[object] = []  # no admin here, so none of the test suite's URLs
 ABSURD_AGENTS = {**ABSURD_AGENTS, "QUEUES": ["agents"], "TASK_MODULES": ["tests.chaos_tasks"]}

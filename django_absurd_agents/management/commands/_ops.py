@@ -29,10 +29,13 @@ def connection() -> Any:
 
 
 def table(prefix: str, queue: str) -> str:
-    """``absurd."<prefix>_<queue>"``, quoted so that any catalogued queue name is safe."""
+    """``absurd."<prefix>_<queue>"``, quoted so that any catalogued queue name is safe.
+
+    A ``%`` is doubled: the name goes into statements run with ``%s`` parameters.
+    """
     conn = connection()
     conn.ensure_connection()
-    return sql.Identifier("absurd", f"{prefix}_{queue}").as_string(conn.connection)
+    return sql.Identifier("absurd", f"{prefix}_{queue}").as_string(conn.connection).replace("%", "%%")
 
 
 def fetch(query: str, params: list[Any] | tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

@@ -17,6 +17,7 @@ from django.test import override_settings
 
 from django_absurd_agents import schema
 from django_absurd_agents.checks import check_database, check_settings
+from tests.schema_fakes import fake_version_sql
 
 AddAlias = Callable[[str, dict[str, Any]], None]
 
@@ -48,10 +49,7 @@ def ids(messages: list[Error | Warning]) -> list[str]:
 def fake_schema_version(version: str) -> None:
     """Make the installed schema report ``version``; the test's transaction rolls it back."""
     with connection.cursor() as cursor:
-        cursor.execute(
-            "create or replace function absurd.get_schema_version() returns text language sql "
-            f"as $$ select '{version}' $$"
-        )
+        cursor.execute(fake_version_sql(version).as_string(connection.connection))
 
 
 @pytest.mark.django_db

@@ -29,6 +29,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from django_absurd_agents import schema
+from tests.schema_fakes import fake_version_sql
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,9 +158,7 @@ def test_migrate_adopts_schema_installed_by_absurdctl(scratch_db: str) -> None:
 def test_migrate_onto_another_schema_version_stops_with_the_fix(scratch_db: str) -> None:
     with psycopg.connect(scratch_db) as conn:
         install_bundled_schema(conn, absurdctl.BUNDLED_SCHEMA_SQL)
-        conn.execute(
-            "create or replace function absurd.get_schema_version() returns text language sql as $$ select '0.4.0' $$"
-        )
+        conn.execute(fake_version_sql("0.4.0"))
         conn.commit()
 
     result = manage(scratch_db, "migrate", "--noinput")
@@ -384,8 +383,6 @@ def test_upgrade_steps_skip_a_current_schema_and_refuse_an_unexpected_one() -> N
     with pytest.raises(schema.SchemaVersionError, match=r"no upgrade script 0\.5\.1-9\.9\.9\.sql"):
         schema.upgrade(connection, schema.EXPECTED_VERSION, "9.9.9")
     with connection.cursor() as cursor:  # rolled back with the test's transaction
-        cursor.execute(
-            "create or replace function absurd.get_schema_version() returns text language sql as $$ select '0.4.0' $$"
-        )
+        cursor.execute(fake_version_sql("0.4.0").as_string(connection.connection))
     with pytest.raises(schema.SchemaVersionError, match=r"from 0\.4\.0 to 0\.5\.1: this migration expects 0\.5\.0"):
         schema.upgrade(connection, "0.5.0", "0.5.1")

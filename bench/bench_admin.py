@@ -19,17 +19,13 @@ avoids: an exact ``count(*)`` of the queue and a list sorted by ``enqueue_at`` (
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import psycopg
-from psycopg import errors, sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from benchdb import database_url, setup_django
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,31 +35,13 @@ QUEUE = "bench_admin"
 GOAL_MS = 200.0
 
 
-def bench_database_url() -> str:
-    url = os.environ.get("DATABASE_URL")
-    if not url:
-        from django_absurd_agents.embedded import embedded_database_url
-
-        return embedded_database_url(DATABASE)
-    params = conninfo_to_dict(url)
-    maintenance = make_conninfo("", **{**params, "dbname": "postgres"})
-    with psycopg.connect(maintenance, autocommit=True) as admin, contextlib.suppress(errors.DuplicateDatabase):
-        admin.execute(sql.SQL("create database {}").format(sql.Identifier(DATABASE)))
-    return make_conninfo("", **{**params, "dbname": DATABASE})
-
-
-def setup_django(url: str) -> None:
-    os.environ["DATABASE_URL"] = url
-    os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
-    import django
-    from django.core.management import call_command
+def setup_admin_django(url: str) -> None:
     from django.test.utils import override_settings
 
-    django.setup()
+    setup_django(url)
     # The test client's host. (Not setup_test_environment(): it instruments every template render
     # to keep copies of the context, which a real server does not pay for.)
     override_settings(ALLOWED_HOSTS=["testserver"]).enable()
-    call_command("migrate", verbosity=0)
 
 
 # A UUIDv7 from a timestamp and a seed: the admin pages by task id, so ids must follow time as
@@ -214,7 +192,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=15)
     args = parser.parse_args()
 
-    setup_django(bench_database_url())
+    setup_admin_django(database_url(DATABASE))
     from django.contrib.auth.models import User
     from django.db import connection
     from django.test import Client

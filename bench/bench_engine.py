@@ -39,39 +39,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from benchdb import database_url, setup_django
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DATABASE = "absurd_agents_bench_engine"
 
 
-def database_url() -> str:
-    """The bench database on ``$DATABASE_URL``'s server (or the embedded one), created if missing."""
-    import psycopg
-    from psycopg import sql
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-    base = os.environ.get("DATABASE_URL")
-    if not base:
-        from django_absurd_agents.embedded import embedded_database_url
-
-        return embedded_database_url(DATABASE)
-    params = conninfo_to_dict(base)
-    with psycopg.connect(make_conninfo("", **{**params, "dbname": "postgres"}), autocommit=True) as admin:
-        exists = admin.execute("select 1 from pg_database where datname = %s", [DATABASE]).fetchone()
-        if not exists:
-            admin.execute(sql.SQL("create database {}").format(sql.Identifier(DATABASE)))
-    return make_conninfo("", **{**params, "dbname": DATABASE})
-
-
-def setup_django() -> None:
-    os.environ["DATABASE_URL"] = database_url()
-    os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
-    import django
-    from django.core.management import call_command
-
-    django.setup()
-    call_command("migrate", verbosity=0)
+def setup() -> None:
+    setup_django(database_url(DATABASE))
 
 
 # --- measuring ---------------------------------------------------------------------------------------
@@ -329,7 +306,7 @@ if __name__ == "__main__":
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the durable run instead")
     parser.add_argument("--decompose", action="store_true", help="also time the durable layer storing nothing")
     args = parser.parse_args()
-    setup_django()
+    setup()
     if args.profile:
         asyncio.run(profile(args.tool_calls))
     else:

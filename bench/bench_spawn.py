@@ -16,8 +16,6 @@ given, ``bench/bench_embedded.py`` then times the embedded server's cold and war
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import statistics
 import subprocess
 import sys
@@ -25,9 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import psycopg
-from psycopg import errors, sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from benchdb import database_url, setup_django
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,30 +31,6 @@ sys.path.insert(0, str(ROOT))
 DATABASE = "absurd_agents_bench"
 QUEUE = "agents"
 PARAMS = {"question": "How did revenue move last quarter?", "customer_id": 4211, "tags": ["finance", "q3"]}
-
-
-def bench_database_url() -> str:
-    """The URL of the bench database, created if missing, on the server tests would use."""
-    url = os.environ.get("DATABASE_URL")
-    if not url:
-        from django_absurd_agents.embedded import embedded_database_url
-
-        return embedded_database_url(DATABASE)
-    params = conninfo_to_dict(url)
-    maintenance = make_conninfo("", **{**params, "dbname": "postgres"})
-    with psycopg.connect(maintenance, autocommit=True) as admin, contextlib.suppress(errors.DuplicateDatabase):
-        admin.execute(sql.SQL("create database {}").format(sql.Identifier(DATABASE)))
-    return make_conninfo("", **{**params, "dbname": DATABASE})
-
-
-def setup_django(url: str) -> None:
-    os.environ["DATABASE_URL"] = url
-    os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
-    import django
-    from django.core.management import call_command
-
-    django.setup()
-    call_command("migrate", verbosity=0)
 
 
 def empty_queue() -> None:
@@ -116,7 +88,7 @@ def main() -> None:
     parser.add_argument("--no-embedded", action="store_true", help="skip the embedded server start times")
     args = parser.parse_args()
 
-    url = bench_database_url()
+    url = database_url(DATABASE)
     setup_django(url)
     from django.db import connection
 

@@ -127,12 +127,6 @@ def drop(connection: BaseDatabaseWrapper) -> None:
         cursor.execute("drop schema if exists absurd cascade")
 
 
-def existing_queues(connection: BaseDatabaseWrapper) -> list[str]:
-    with connection.cursor() as cursor:
-        cursor.execute("select queue_name from absurd.queues order by queue_name")
-        return [row[0] for row in cursor.fetchall()]
-
-
 def provision_queues(connection: BaseDatabaseWrapper, queues: Iterable[str]) -> list[str]:
     """Create the missing queues; returns the ones created.
 

@@ -34,6 +34,9 @@ DEFAULTS: dict[str, Any] = {
     "POLL_INTERVAL": 0.5,
     "SHUTDOWN_GRACE": 30.0,
     "HEARTBEAT_FILE": None,
+    # Seconds a task whose name no worker has registered is put back (no attempt used) before it fails
+    # for good: a rolling deploy spawns tasks that only the new workers know.
+    "UNKNOWN_TASK_GRACE": 900,
     # ``migrate absurd_agents zero`` drops the schema (and every task in it) only when this is True.
     "ALLOW_SCHEMA_DROP": False,
 }
@@ -81,6 +84,7 @@ class AgentsSettings:
     poll_interval: float
     shutdown_grace: float
     heartbeat_file: str | None
+    unknown_task_grace: float
     allow_schema_drop: bool
 
     @property
@@ -130,5 +134,6 @@ def _build() -> AgentsSettings:
         poll_interval=float(merged["POLL_INTERVAL"]),
         shutdown_grace=float(merged["SHUTDOWN_GRACE"]),
         heartbeat_file=merged["HEARTBEAT_FILE"],
+        unknown_task_grace=float(merged["UNKNOWN_TASK_GRACE"]),
         allow_schema_drop=bool(merged["ALLOW_SCHEMA_DROP"]),
     )

@@ -1,23 +1,28 @@
-"""Keep a claimed run's lease alive while its code runs.
+"""Keep a claimed run's lease alive while its code runs, through database restarts.
 
 absurd-sdk moves a lease forward only when a checkpoint is written or ``ctx.heartbeat()`` is called,
 so a single step longer than ``claim_timeout`` (a slow model call) would be claimed again by another
 worker and run twice. While a task executes, a companion coroutine extends the lease every third of
-``claim_timeout``. A worker that is really gone stops extending, and its run is reclaimed within
-``claim_timeout``. When the extension reports that the task was cancelled, the task's code is
-cancelled at once instead of at its next checkpoint.
+``claim_timeout``. When a renewal fails because the database connection broke (a restart, a
+failover), it is retried on a new connection for as long as the lease has not expired, so a short
+outage never hands the task to a second worker. A worker that is really gone stops extending, and
+its run is reclaimed within ``claim_timeout``. When the extension reports that the task was
+cancelled or failed elsewhere, the task's code is stopped at once instead of at its next checkpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from contextvars import ContextVar
 
-import psycopg
 from absurd_sdk import AsyncTaskContext, CancelledTask, FailedTask
+
+from django_absurd_agents import sdk
+from django_absurd_agents.reconnect import Lease, TaskConnection, is_transient
 
 logger = logging.getLogger("django_absurd_agents.worker")
 
@@ -29,13 +34,36 @@ def lease_kept(ctx: AsyncTaskContext) -> bool:
     return _kept.get() is ctx
 
 
-class LeaseLost(Exception):
-    """The run was cancelled or failed elsewhere while its code ran; the code was stopped."""
+def _lease_of(ctx: AsyncTaskContext, claim_timeout: int) -> Lease:
+    conn = sdk.task_connection(ctx)
+    # A context built by a plain absurd-sdk client has no lease of ours: count from now.
+    return conn.lease if isinstance(conn, TaskConnection) else Lease(claim_timeout)
+
+
+async def renew(ctx: AsyncTaskContext, lease: Lease) -> None:
+    """Extend the lease once, retrying through reconnects until it would have expired."""
+    failures = 0
+    while True:
+        sent = time.monotonic()
+        try:
+            await ctx.heartbeat(lease.claim_timeout)
+        except (CancelledTask, FailedTask):
+            raise
+        except Exception as exc:
+            failures += 1
+            delay = min(1.0, 0.1 * 2 ** (failures - 1))
+            if not is_transient(exc) or lease.remaining() <= delay:
+                raise
+            await asyncio.sleep(delay)
+            continue
+        lease.renew(sent)
+        return
 
 
 @asynccontextmanager
 async def keep_lease(ctx: AsyncTaskContext) -> AsyncIterator[None]:
-    claim_timeout = max(int(ctx._claim_timeout), 1)
+    claim_timeout = max(sdk.claim_timeout(ctx), 1)
+    lease = _lease_of(ctx, claim_timeout)
     interval = max(claim_timeout / 3, 0.2)
     body = asyncio.current_task()
     lost: list[BaseException] = []
@@ -44,18 +72,18 @@ async def keep_lease(ctx: AsyncTaskContext) -> AsyncIterator[None]:
         while True:
             await asyncio.sleep(interval)
             try:
-                await ctx.heartbeat(claim_timeout)
+                await renew(ctx, lease)
             except (CancelledTask, FailedTask) as exc:
                 lost.append(exc)
                 if body is not None:
                     body.cancel()
                 return
-            except Exception as exc:  # a dropped connection: the body's next write reports it
+            except Exception as exc:  # the lease ran out while the database was away: the next worker resumes
                 logger.warning(
-                    "Could not extend the lease of task %s: %s",
+                    "Could not extend the lease of task %s before it expired: %s",
                     ctx.task_id,
                     exc,
-                    exc_info=not isinstance(exc, psycopg.OperationalError),
+                    exc_info=not is_transient(exc),
                 )
                 return
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import importlib
 import inspect
 import logging
@@ -28,14 +27,14 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
-from absurd_sdk import CancelledTask, ClaimedTask, FailedTask, SuspendTask
+from absurd_sdk import ClaimedTask
 from asgiref.sync import SyncToAsync, ThreadSensitiveContext, sync_to_async
 from django.db import connections
 from django.utils.module_loading import autodiscover_modules
@@ -43,10 +42,9 @@ from pydantic_ai import Agent
 
 from django_absurd_agents import conf
 from django_absurd_agents.client import ProjectAbsurd, absurd
+from django_absurd_agents.execution import execute_claimed
 
 logger = logging.getLogger("django_absurd_agents.worker")
-
-Outcome = Literal["completed", "failed", "suspended", "cancelled", "lost", "interrupted"]
 
 _BACKOFF_FIRST = 0.25
 _BACKOFF_CAP = 15.0
@@ -160,64 +158,6 @@ def is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError)
 
 
-@dataclass
-class _Observation:
-    """Filled in from inside the task's execution, read after it, to log how the task ended."""
-
-    outcome: Outcome | None = None
-    error: BaseException | None = None
-
-
-_observation: contextvars.ContextVar[_Observation | None] = contextvars.ContextVar(
-    "absurd_agents_worker_observation", default=None
-)
-
-
-def _observed(execute: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
-    async def run() -> Any:
-        seen = _observation.get()
-        if seen is None:
-            return await execute()
-        try:
-            result = await execute()
-        except SuspendTask:
-            seen.outcome = "suspended"
-            raise
-        except CancelledTask:
-            seen.outcome = "cancelled"
-            raise
-        except FailedTask:
-            seen.outcome = "lost"
-            raise
-        except asyncio.CancelledError:
-            seen.outcome = "interrupted"
-            raise
-        except Exception as exc:
-            seen.outcome, seen.error = "failed", exc
-            raise
-        seen.outcome = "completed"
-        return result
-
-    return run
-
-
-def _observing_client(app: ProjectAbsurd, queue: str) -> ProjectAbsurd:
-    """A client for ``queue`` whose task executions report their outcome to the worker.
-
-    The project's own wrapper (lease keeping, the user's ``wrap_task_execution`` hook) stays
-    outermost; the observer sits right around the handler.
-    """
-    client = app.for_queue(queue)
-    inner = client._hooks["wrap_task_execution"]
-
-    async def wrap(ctx: Any, execute: Callable[[], Awaitable[Any]]) -> Any:
-        result = inner(ctx, _observed(execute))
-        return await result if asyncio.iscoroutine(result) else result
-
-    client._hooks = {**client._hooks, "wrap_task_execution": wrap}
-    return client
-
-
 def _close_connections() -> None:
     connections.close_all()
 
@@ -238,10 +178,19 @@ class _TaskThread(ThreadPoolExecutor):
     def __init__(self) -> None:
         super().__init__(max_workers=1, thread_name_prefix="absurd-task")
         self.used = False
+        self._pending: set[Future[Any]] = set()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         self.used = True
-        return super().submit(fn, *args, **kwargs)
+        future = super().submit(fn, *args, **kwargs)
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+        return future
+
+    @property
+    def busy(self) -> bool:
+        """Whether a call is still running or queued on this thread."""
+        return bool(self._pending)
 
 
 @dataclass
@@ -267,6 +216,7 @@ class _Queue:
 class _Execution:
     queue: _Queue
     task: ClaimedTask
+    claimed_at: float
     started: float = field(default_factory=time.monotonic)
 
 
@@ -288,6 +238,7 @@ class Worker:
         self._stop_event: asyncio.Event | None = None
         self._signalled: asyncio.Event | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._abandoned_threads: list[_TaskThread] = []
 
     # --- slots ------------------------------------------------------------------------------------
 
@@ -324,11 +275,8 @@ class Worker:
                 name,
                 len(self._executions),
             )
-            for handler in logging.getLogger("django_absurd_agents").handlers + logging.getLogger().handlers:
-                with contextlib.suppress(Exception):
-                    handler.flush()
             self._remove_heartbeat()
-            os._exit(128 + signum)
+            exit_now(128 + signum)
         self._grace_deadline = time.monotonic() + self.config.shutdown_grace
         if self._signalled is not None:
             self._signalled.set()
@@ -388,7 +336,7 @@ class Worker:
     def _make_queue(self, name: str) -> _Queue:
         # Claims go through a connection of their own, so a poll never waits behind the checkpoint
         # writes of running tasks.
-        executors = [_observing_client(self.app, name) for _ in range(self.config.execution_connections)]
+        executors = [self.app.for_queue(name) for _ in range(self.config.execution_connections)]
         return _Queue(name=name, claimer=self.app.for_queue(name), executors=executors)
 
     async def _wait_for_database(self) -> bool:
@@ -480,7 +428,7 @@ class Worker:
                 generation = self._generation
             tasks: list[ClaimedTask] = []
             error: Exception | None = None
-            queue.claiming_since = time.monotonic()
+            queue.claiming_since = claim_sent = time.monotonic()
             try:
                 tasks = await queue.claimer.claim_tasks(
                     batch_size=wanted, claim_timeout=self.config.claim_timeout, worker_id=self.config.worker_id
@@ -495,7 +443,7 @@ class Worker:
                     if tasks:
                         self._generation += 1
                     for task in tasks:
-                        self._start(queue, task)
+                        self._start(queue, task, claim_sent)
                     self._changed.notify_all()
             if error is not None:
                 await self._claim_failed(queue, error)
@@ -529,15 +477,13 @@ class Worker:
 
     # --- executing tasks --------------------------------------------------------------------------
 
-    def _start(self, queue: _Queue, task: ClaimedTask) -> None:
-        execution = _Execution(queue=queue, task=task)
+    def _start(self, queue: _Queue, task: ClaimedTask, claimed_at: float) -> None:
+        execution = _Execution(queue=queue, task=task, claimed_at=claimed_at)
         runner = asyncio.create_task(self._execute(execution), name=f"absurd task {task['task_id']}")
         self._executions[runner] = execution
 
     async def _execute(self, execution: _Execution) -> None:
         task, queue = execution.task, execution.queue
-        seen = _Observation()
-        _observation.set(seen)
         logger.info(
             "task %s name=%s id=%s queue=%s attempt=%s",
             "retry" if task["attempt"] > 1 else "start",
@@ -551,17 +497,26 @@ class Worker:
         queue.running[index] = queue.running.get(index, 0) + 1
         client = queue.executors[index]
         thread = _TaskThread()
+        cancelled = False
         try:
             context = ThreadSensitiveContext(executor=thread) if _CONTEXT_TAKES_EXECUTOR else ThreadSensitiveContext()
             async with context as thread_context:
                 try:
                     with Agent.using_thread_executor(thread):
-                        await client._ensure_connected()
-                        await client._execute_task(task, self.config.claim_timeout)
+                        ended = await execute_claimed(
+                            client, task, self.config.claim_timeout, claimed_at=execution.claimed_at
+                        )
+                except asyncio.CancelledError:
+                    cancelled = True
+                    raise
                 finally:
                     # The task's thread ends with it, so its connections are closed whatever
-                    # CONN_MAX_AGE says.
-                    if thread.used:
+                    # CONN_MAX_AGE says. A task cancelled at the end of the grace period does not
+                    # wait for a sync call still running there: the connection closes after it.
+                    if thread.used and cancelled:
+                        thread.submit(_close_connections)
+                        self._abandoned_threads.append(thread)
+                    elif thread.used:
                         await asyncio.get_running_loop().run_in_executor(thread, _close_connections)
                     if not _CONTEXT_TAKES_EXECUTOR and thread_context in SyncToAsync.context_to_thread_executor:
                         await sync_to_async(_close_connections)()
@@ -585,13 +540,7 @@ class Worker:
                 extra=_extra(task, queue.name, "unrecorded"),
             )
         else:
-            registration = self.app._registry.get(task["task_name"])
-            if registration is None:
-                self._log_end(execution, "unknown", None)
-            elif registration["queue"] != queue.name:
-                self._log_end(execution, "misrouted", None)
-            else:
-                self._log_end(execution, seen.outcome or "failed", seen.error)
+            self._log_end(execution, ended.outcome, ended.error)
         finally:
             thread.shutdown(wait=False)
             queue.running[index] -= 1
@@ -618,24 +567,13 @@ class Worker:
                     exc_info=error,
                     extra=extra,
                 )
-        elif outcome == "unknown":
-            logger.error(
-                "task failed " + common + ": no handler is registered for %r in this worker",
-                *args,
-                task["task_name"],
-                extra=extra,
-            )
+        elif outcome in ("unknown", "handed back"):
+            pass  # execution.py logged why the run went back to the queue, and when it runs again
         elif outcome == "misrouted":
-            logger.error(
-                "task failed " + common + ": %r is registered for queue %r, not this one",
-                *args,
-                task["task_name"],
-                self.app._registry[task["task_name"]]["queue"],
-                extra=extra,
-            )
+            logger.error("task failed " + common + ": %s", *args, _one_line(error), extra=extra)
         elif outcome == "suspended":
             logger.info("task suspended " + common + " (sleeping or waiting for an event)", *args, extra=extra)
-        elif outcome in ("cancelled", "interrupted"):
+        elif outcome == "cancelled":
             logger.info("task cancelled " + common, *args, extra=extra)
         elif outcome == "lost":
             logger.warning(
@@ -676,6 +614,17 @@ class Worker:
         await asyncio.gather(*(runner for runner, _ in abandoned), return_exceptions=True)
         for _, execution in abandoned:
             await self._release(execution)
+        if self.cut_off_calls:
+            logger.warning(
+                "%d synchronous tool call(s) were still running: the worker does not wait for them; their steps "
+                "were not recorded and run again in the worker that resumes the task.",
+                self.cut_off_calls,
+            )
+
+    @property
+    def cut_off_calls(self) -> int:
+        """Sync calls of abandoned tasks still running: the process must exit without joining their threads."""
+        return sum(thread.busy for thread in self._abandoned_threads)
 
     async def _release(self, execution: _Execution) -> None:
         """Make an abandoned run claimable now instead of after its lease; it keeps its attempt number."""
@@ -722,6 +671,27 @@ class Worker:
         if self.config.heartbeat_file:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.heartbeat_file)
+
+
+def run_worker(config: WorkerConfig) -> int:
+    """Run a worker in this process until it stops; returns the exit code.
+
+    When the grace period cut off synchronous calls, the process exits without joining their threads
+    (Python would otherwise wait for each call to finish, overstaying the grace period).
+    """
+    worker = Worker(config)
+    code = asyncio.run(worker.run())
+    if worker.cut_off_calls:
+        exit_now(code)
+    return code
+
+
+def exit_now(code: int) -> None:
+    """Flush the log and end the process at once, without waiting for threads."""
+    for handler in logging.getLogger("django_absurd_agents").handlers + logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    os._exit(code)
 
 
 def write_heartbeat(path: str) -> None:

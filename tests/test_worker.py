@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from io import StringIO
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ class WorkerProcess:
         self._log = log.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "django", "absurd_worker", *args],
-            cwd="/work/main" if Path("/work/main").is_dir() else None,
+            cwd=Path(__file__).resolve().parent.parent,
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -264,21 +265,64 @@ def test_a_tasks_orm_work_uses_one_connection_closed_when_the_task_ends(
     assert worker.wait() == 0
 
 
-@pytest.mark.slow
-def test_an_unknown_task_fails_with_a_message_naming_the_fix(env: dict[str, str], tmp_path: Path) -> None:
-    [task_id] = spawn("not_registered_anywhere")
-    code, log = run_burst(env, tmp_path, "--queue", "agents")
-    assert code == 0, log
+def runs_of(task_id: str) -> list[dict[str, Any]]:
     with connection.cursor() as cursor:
         cursor.execute(
-            "select state, failure_reason from absurd.r_agents where task_id = %s and attempt = 1", [task_id]
+            "select attempt, state, failure_reason from absurd.r_agents where task_id = %s order by attempt", [task_id]
         )
-        state, reason = cursor.fetchone()
-    assert state == "failed"  # failed (and retried with backoff up to max_attempts), not put back forever
-    message = json.loads(reason)["message"]
+        return [{"attempt": a, "state": st, "failure": json.loads(f) if f else None} for a, st, f in cursor.fetchall()]
+
+
+def with_settings(env: dict[str, str], settings_dir: Path, name: str, extra: str) -> dict[str, str]:
+    """``env`` running the worker with ``tests.settings`` plus the ABSURD_AGENTS entries in ``extra``."""
+    (settings_dir / f"{name}.py").write_text(
+        f"from {SETTINGS_MODULE} import *  # noqa: F403\n"
+        f"ABSURD_AGENTS = {{**ABSURD_AGENTS, {extra}}}  # noqa: F405\n"
+    )
+    return {**env, "DJANGO_SETTINGS_MODULE": name}
+
+
+@pytest.mark.slow
+def test_a_rolling_deploy_loses_no_task_and_uses_no_attempt(
+    env: dict[str, str], settings_dir: Path, tmp_path: Path
+) -> None:
+    """An old worker claims a task only the new release registers: it is put back, visibly, and runs later."""
+    [task_id] = spawn("worker_deployed_later", max_attempts=1)
+    code, log = run_burst(env, tmp_path, "--queue", "agents")
+    assert code == 0, log
+    assert "no handler is registered for 'worker_deployed_later'" in log
+    assert "ABSURD_AGENTS['TASK_MODULES']" in log and "UNKNOWN_TASK_GRACE" in log
+    assert runs_of(task_id) == [{"attempt": 1, "state": "sleeping", "failure": None}]
+    shown = StringIO()
+    call_command("absurd_task", task_id, stdout=shown)
+    assert "$unknown_task" in shown.getvalue()
+    assert "@absurd.register_task(name='worker_deployed_later')" in shown.getvalue()
+
+    # The new release is deployed; the task's next offer comes (time is moved on instead of waited for).
+    with connection.cursor() as cursor:
+        cursor.execute("update absurd.r_agents set available_at = now() where task_id = %s", [task_id])
+    new_release = with_settings(
+        env, settings_dir, "new_release_settings", "'TASK_MODULES': ['tests.worker_tasks', 'tests.worker_tasks_later']"
+    )
+    code, log = run_burst(new_release, tmp_path, "--queue", "agents")
+    assert code == 0, log
+    assert runs_of(task_id) == [{"attempt": 1, "state": "completed", "failure": None}]
+
+
+@pytest.mark.slow
+def test_an_unknown_task_fails_for_good_after_the_grace_period_naming_the_fix(
+    env: dict[str, str], settings_dir: Path, tmp_path: Path
+) -> None:
+    [task_id] = spawn("not_registered_anywhere", max_attempts=5)
+    no_grace = with_settings(env, settings_dir, "no_grace_settings", "'UNKNOWN_TASK_GRACE': 0")
+    code, log = run_burst(no_grace, tmp_path, "--queue", "agents")
+    assert code == 0, log
+    [only_run] = runs_of(task_id)  # failed for good: no retry was scheduled despite 5 attempts
+    assert only_run["state"] == "failed" and only_run["failure"]["name"] == "UnknownTask"
+    message = only_run["failure"]["message"]
     assert "@absurd.register_task(name='not_registered_anywhere')" in message
     assert "TASK_MODULES" in message
-    assert "no handler is registered for 'not_registered_anywhere'" in log
+    assert states([task_id]) == {task_id: "failed"}
 
 
 @pytest.mark.slow
@@ -469,6 +513,63 @@ def test_the_worker_survives_a_postgres_restart(
         wait_until(lambda: completed(before + in_flight + after), "every task after the restart", timeout=30)
         assert worker.process.poll() is None, worker.log()
         assert "database reachable again" in worker.log()
+        worker.signal(signal.SIGTERM)
+        assert worker.wait() == 0, worker.log()
+    finally:
+        worker.close()
+
+
+@pytest.mark.slow
+def test_a_restart_during_steps_longer_than_the_lease_runs_each_step_once(
+    private_server: tuple[Any, Callable[[], Any]], settings_dir: Path, tmp_path: Path
+) -> None:
+    """Postgres restarts while two 6 s steps are in flight under a 3 s lease: the same runs renew their
+    leases and write their checkpoints on new connections; nothing is claimed twice, nothing runs twice."""
+    server, restart = private_server
+    server.create_database("worker_restart_steps")
+    url = server.url("worker_restart_steps")
+    import absurdctl
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(absurdctl.BUNDLED_SCHEMA_SQL)
+        conn.execute("select absurd.create_queue('agents')")
+        task_ids = [
+            str(
+                conn.execute(
+                    "select task_id from absurd.spawn_task('agents', 'worker_long_step', %s::jsonb, %s::jsonb)",
+                    [json.dumps({"sleep": 6}), json.dumps({"max_attempts": 5})],
+                ).fetchone()[0]  # type: ignore[index]
+            )
+            for _ in range(2)
+        ]
+
+    def task_rows() -> list[tuple[str, int, str]] | None:
+        try:
+            with psycopg.connect(url, autocommit=True, connect_timeout=2) as conn:
+                return conn.execute(
+                    "select task_id::text, attempt, state from absurd.r_agents order by task_id, attempt"
+                ).fetchall()
+        except psycopg.OperationalError:
+            return None
+
+    env = process_env({**os.environ, "DATABASE_URL": url}, settings_dir, tmp_path)
+    worker = WorkerProcess(env, tmp_path / "worker.log", "--queue", "agents", "--concurrency", "4",
+                           "--poll-interval", "0.05", "--claim-timeout", "3")  # fmt: skip
+    try:
+        wait_until(lambda: sum(event == "slow-start" for event, *_ in runs(env)) == 2, "both slow steps to start")
+        server.stop()
+        restart()
+        wait_until(
+            lambda: (rows := task_rows()) is not None and {state for *_, state in rows} == {"completed"},
+            "both tasks to complete",
+            timeout=40,
+        )
+        rows = task_rows()
+        assert rows is not None and sorted(rows) == sorted((t, 1, "completed") for t in task_ids), (rows, worker.log())
+        events = Counter((event, task) for event, task, *_ in runs(env))
+        for task_id in task_ids:
+            assert [events[(e, task_id)] for e in ("slow-start", "slow-end", "after")] == [1, 1, 1], worker.log()
+        assert "retrying on a new connection while its lease lasts" in worker.log()
         worker.signal(signal.SIGTERM)
         assert worker.wait() == 0, worker.log()
     finally:

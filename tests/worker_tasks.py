@@ -142,3 +142,20 @@ async def atomic(params: dict[str, Any], ctx: Any) -> dict[str, Any]:
     rollback = RuntimeError("roll back")
     await sync_to_async(block.__exit__)(RuntimeError, rollback, None)
     return {"done": True}
+
+
+@absurd.register_task(name="worker_long_step")
+async def long_step(params: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """One step longer than the claim timeout, then a second step: each logs when its body runs."""
+
+    async def slow() -> str:
+        record("slow-start", ctx.task_id)
+        await asyncio.sleep(params["sleep"])
+        record("slow-end", ctx.task_id)
+        return "slow done"
+
+    async def after() -> str:
+        record("after", ctx.task_id)
+        return "after done"
+
+    return {"slow": await ctx.step("slow", slow), "after": await ctx.step("after", after)}

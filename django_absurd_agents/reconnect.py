@@ -1,0 +1,131 @@
+"""The connection a running task writes through, reopened after a database restart.
+
+absurd-sdk binds a task's context to the connection the task was claimed with, so after a restart
+(a failover, a deploy of Postgres, a killed backend) that connection is dead for the rest of the
+run: the lease could not be renewed, the next checkpoint and the outcome could not be written, and
+another worker would claim the task once the lease ran out and run its step in flight a second time.
+
+``TaskConnection`` stands in for that connection. Each statement goes to the executor's current
+connection, a new one is opened when the old one broke, and a statement that failed because the
+connection broke is sent again, until the lease runs out. Every statement absurd-sdk sends for a
+running task may be sent twice: checkpoints are upserts, a claim extension only moves a time
+forward, and completing or failing a run that is no longer running is refused by Absurd itself.
+Past the lease the error propagates, and the run is left to the worker that claims it next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection, AsyncCursor
+
+logger = logging.getLogger("django_absurd_agents.worker")
+
+# SQLSTATEs after which a new session may succeed: the server is shutting down or starting up,
+# out of connection slots, or the connection itself failed (class 08).
+_TRANSIENT_STATES = {"57P01", "57P02", "57P03", "53300", "53400"}
+_RETRY_FIRST = 0.1
+_RETRY_CAP = 2.0
+
+
+def is_transient(exc: BaseException, conn: AsyncConnection[Any] | None = None) -> bool:
+    """Whether ``exc`` means the session is gone (or could not start) rather than that the statement is wrong."""
+    if conn is not None and (conn.broken or conn.closed):
+        return True
+    if isinstance(exc, psycopg.InterfaceError | OSError):
+        return True
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    state = exc.sqlstate
+    return state is None or state.startswith("08") or state in _TRANSIENT_STATES
+
+
+class Lease:
+    """When this worker's claim on a run expires, as far as this process can tell.
+
+    Renewed from the moment a renewal (or the claim) was sent, which is never later than the moment
+    Absurd computed the new expiry from, so the estimate errs on the early side.
+    """
+
+    def __init__(self, claim_timeout: int, claimed_at: float | None = None) -> None:
+        self.claim_timeout = claim_timeout
+        self.expires_at = (time.monotonic() if claimed_at is None else claimed_at) + claim_timeout
+
+    def renew(self, sent_at: float) -> None:
+        self.expires_at = max(self.expires_at, sent_at + self.claim_timeout)
+
+    def remaining(self) -> float:
+        return self.expires_at - time.monotonic()
+
+
+class TaskConnection:
+    """Quacks like the ``AsyncConnection`` absurd-sdk's task code uses: ``cursor()`` and ``execute()``."""
+
+    def __init__(self, connect: Callable[[], Awaitable[AsyncConnection[Any]]], lease: Lease, label: str) -> None:
+        self._connect = connect
+        self.lease = lease
+        self.label = label
+        self.reconnects = 0
+
+    def cursor(self, *args: Any, **kwargs: Any) -> RetryingCursor:
+        return RetryingCursor(self, args, kwargs)
+
+    async def execute(self, query: Any, params: Any = None, **kwargs: Any) -> RetryingCursor:
+        cursor = self.cursor()
+        await cursor.execute(query, params, **kwargs)
+        return cursor
+
+    async def run(self, statement: Callable[[AsyncConnection[Any]], Awaitable[Any]]) -> Any:
+        """Run ``statement`` on a live connection, again on a new one while the lease lasts."""
+        failures = 0
+        while True:
+            conn: AsyncConnection[Any] | None = None
+            try:
+                conn = await self._connect()
+                return await statement(conn)
+            except Exception as exc:
+                if not is_transient(exc, conn):
+                    raise
+                failures += 1
+                delay = min(_RETRY_CAP, _RETRY_FIRST * 2 ** (failures - 1))
+                if self.lease.remaining() <= delay:
+                    raise
+                if failures == 1:
+                    logger.warning(
+                        "Task %s: the database connection failed (%s); retrying on a new connection while its "
+                        "lease lasts (%.1fs).",
+                        self.label,
+                        str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                        self.lease.remaining(),
+                    )
+                self.reconnects += 1
+                await asyncio.sleep(delay)
+
+
+class RetryingCursor:
+    """A cursor whose ``execute`` survives a reconnect; results are read from the cursor that succeeded."""
+
+    def __init__(self, connection: TaskConnection, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._connection = connection
+        self._args = args
+        self._kwargs = kwargs
+        self._cursor: AsyncCursor[Any] | None = None
+
+    async def execute(self, query: Any, params: Any = None, **kwargs: Any) -> RetryingCursor:
+        async def statement(conn: AsyncConnection[Any]) -> AsyncCursor[Any]:
+            cursor = conn.cursor(*self._args, **self._kwargs)
+            await cursor.execute(query, params, **kwargs)
+            return cursor
+
+        self._cursor = await self._connection.run(statement)
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        if self._cursor is None:
+            raise AttributeError(f"{name}: the cursor has not executed anything")
+        return getattr(self._cursor, name)

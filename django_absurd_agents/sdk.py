@@ -1,0 +1,73 @@
+"""Every use of absurd-sdk's private API, in one place (checked against absurd-sdk 0.5.1).
+
+absurd-sdk has no public way to run one claimed task on a connection of our choosing, to read a
+task context's claim, or to list a client's registrations. We need all three (``execution.py``
+writes through a connection that survives restarts; leases are renewed from the claim timeout);
+each touch below says why. A new absurd-sdk minor version is checked against this module first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import absurd_sdk
+from absurd_sdk import AsyncAbsurd, AsyncTaskContext, ClaimedTask
+
+
+async def create_context(conn: Any, queue: str, task: ClaimedTask, claim_timeout: int) -> AsyncTaskContext:
+    """A task context that writes through ``conn`` (a ``TaskConnection``), checkpoints preloaded.
+
+    Private: ``_create_async_task_context`` is how ``AsyncAbsurd._execute_task`` builds one (0.5.1);
+    the context class refuses to be constructed otherwise.
+    """
+    return await absurd_sdk._create_async_task_context(task["task_id"], conn, queue, task, claim_timeout)
+
+
+@contextmanager
+def current_context(ctx: AsyncTaskContext) -> Iterator[None]:
+    """Make ``absurd_sdk.get_current_context()`` return ``ctx`` while the handler runs.
+
+    Private: the context variable behind the public ``get_current_context`` (0.5.1).
+    """
+    token = absurd_sdk._current_task_context.set(ctx)
+    try:
+        yield
+    finally:
+        absurd_sdk._current_task_context.reset(token)
+
+
+async def complete_run(conn: Any, queue: str, run_id: Any, result: Any) -> None:
+    """Private: the SDK's own completion statement, which maps Absurd's errors to ``CancelledTask``/``FailedTask``."""
+    await absurd_sdk._complete_task_run_async(conn, queue, run_id, result)
+
+
+async def fail_run(conn: Any, queue: str, run_id: Any, error: BaseException) -> None:
+    """Private: the SDK's own failure statement, which stores the error the way Absurd's tools show it."""
+    await absurd_sdk._fail_task_run_async(conn, queue, run_id, error)
+
+
+def registry(client: AsyncAbsurd) -> dict[str, dict[str, Any]]:
+    """Task name -> registration (``queue``, ``handler``, defaults). Private ``_registry`` (0.5.1): no accessor."""
+    return client._registry
+
+
+def claim_timeout(ctx: AsyncTaskContext) -> int:
+    """The lease length the task was claimed with. Private ``_claim_timeout`` (0.5.1): not exposed."""
+    return int(ctx._claim_timeout)
+
+
+def claimed_task(ctx: AsyncTaskContext) -> ClaimedTask:
+    """The claimed row (run id, attempt). Private ``_task`` (0.5.1): the SDK exposes only ``task_id``."""
+    return ctx._task
+
+
+def queue_name(ctx: AsyncTaskContext) -> str:
+    """The queue the task runs on. Private ``_queue_name`` (0.5.1): not exposed on the context."""
+    return ctx._queue_name
+
+
+def task_connection(ctx: AsyncTaskContext) -> Any:
+    """The connection the context writes through. Private ``_conn`` (0.5.1)."""
+    return ctx._conn

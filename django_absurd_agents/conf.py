@@ -37,6 +37,9 @@ DEFAULTS: dict[str, Any] = {
     # Seconds a task whose name no worker has registered is put back (no attempt used) before it fails
     # for good: a rolling deploy spawns tasks that only the new workers know.
     "UNKNOWN_TASK_GRACE": 900,
+    # Times a run is handed back, without using an attempt, because its own database connection failed
+    # (a restart, "too many clients") before such an error fails the attempt like any other.
+    "MAX_CONNECTION_HANDBACKS": 20,
     # ``migrate absurd_agents zero`` drops the schema (and every task in it) only when this is True.
     "ALLOW_SCHEMA_DROP": False,
 }
@@ -85,6 +88,7 @@ class AgentsSettings:
     shutdown_grace: float
     heartbeat_file: str | None
     unknown_task_grace: float
+    max_connection_handbacks: int
     allow_schema_drop: bool
 
     @property
@@ -135,5 +139,6 @@ def _build() -> AgentsSettings:
         shutdown_grace=float(merged["SHUTDOWN_GRACE"]),
         heartbeat_file=merged["HEARTBEAT_FILE"],
         unknown_task_grace=float(merged["UNKNOWN_TASK_GRACE"]),
+        max_connection_handbacks=int(merged["MAX_CONNECTION_HANDBACKS"]),
         allow_schema_drop=bool(merged["ALLOW_SCHEMA_DROP"]),
     )

@@ -46,8 +46,6 @@ UNKNOWN_TASK_CHECKPOINT = "$unknown_task"
 HANDBACK_CHECKPOINT = "$connection_handbacks"
 """Checkpoint counting the runs handed back because the task's own database connection failed."""
 
-MAX_CONNECTION_HANDBACKS = 20
-"""Hand-backs (about ten minutes of backoff) before a connection error fails the attempt as any error would."""
 _UNKNOWN_RECHECK = 15.0
 
 
@@ -200,7 +198,8 @@ async def _hand_back(conn: TaskConnection, queue: str, task: ClaimedTask, exc: B
     try:
         state = await _checkpoint(conn, queue, task, HANDBACK_CHECKPOINT) or {}
         count = int(state.get("count", 0)) + 1
-        if count > MAX_CONNECTION_HANDBACKS:
+        limit = conf.get().max_connection_handbacks
+        if count > limit:
             return False
         await _save_checkpoint(conn, queue, task, HANDBACK_CHECKPOINT, {"count": count, "last_error": str(exc)[:500]})
         delay = min(30.0, 0.5 * 2 ** (count - 1))
@@ -216,7 +215,7 @@ async def _hand_back(conn: TaskConnection, queue: str, task: ClaimedTask, exc: B
         str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
         delay,
         count,
-        MAX_CONNECTION_HANDBACKS,
+        limit,
     )
     return True
 

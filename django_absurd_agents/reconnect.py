@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -33,8 +34,23 @@ _RETRY_FIRST = 0.1
 _RETRY_CAP = 2.0
 
 
+# Connection failures no retry can heal: libpq reports them without a SQLSTATE, so by their text.
+_MISCONFIGURED = re.compile(
+    r"password authentication failed|authentication failed for user|no pg_hba\.conf entry|"
+    r"role \"[^\"]*\" does not exist|database \"[^\"]*\" does not exist|password is required|"
+    r"password supplied|permission denied for database"
+)
+
+
+def is_misconfigured(exc: BaseException) -> bool:
+    """A connection refused for a reason only a settings change fixes (credentials, database name)."""
+    return isinstance(exc, psycopg.OperationalError) and bool(_MISCONFIGURED.search(str(exc)))
+
+
 def is_transient(exc: BaseException, conn: AsyncConnection[Any] | None = None) -> bool:
     """Whether ``exc`` means the session is gone (or could not start) rather than that the statement is wrong."""
+    if is_misconfigured(exc):
+        return False
     if conn is not None and (conn.broken or conn.closed):
         return True
     if isinstance(exc, psycopg.InterfaceError | OSError):

@@ -43,6 +43,7 @@ from pydantic_ai import Agent
 from django_absurd_agents import conf
 from django_absurd_agents.client import ProjectAbsurd, absurd
 from django_absurd_agents.execution import execute_claimed
+from django_absurd_agents.reconnect import is_misconfigured
 
 logger = logging.getLogger("django_absurd_agents.worker")
 
@@ -51,6 +52,13 @@ _BACKOFF_CAP = 15.0
 # A claim query outstanding this long means the connection hangs (a half-open TCP socket, say):
 # the heartbeat file then stops moving so that a liveness probe restarts the process.
 _STUCK_CLAIM_SECONDS = 60.0
+# How long cancelled tasks get to unwind at the end of the grace period.
+_CANCEL_WAIT = 0.5
+
+
+MAX_CONCURRENCY = 10_000
+MAX_CLAIM_TIMEOUT = 86_400
+MAX_POLL_INTERVAL = 3_600.0
 
 
 class WorkerError(Exception):
@@ -109,15 +117,27 @@ class WorkerConfig:
             problem = conf.queue_name_error(queue)
             if problem:
                 raise WorkerError(problem)
-        if self.concurrency < 1:
-            raise WorkerError(f"Concurrency must be at least 1, not {self.concurrency}.")
+        if not 1 <= self.concurrency <= MAX_CONCURRENCY:
+            raise WorkerError(f"Concurrency must be between 1 and {MAX_CONCURRENCY}, not {self.concurrency}.")
         if self.claim_timeout < 1:
             # Absurd treats 0 as "no lease at all": a crashed worker's tasks would never be resumed.
             raise WorkerError(f"The claim timeout must be at least 1 second, not {self.claim_timeout}.")
-        if self.poll_interval <= 0:
-            raise WorkerError(f"The poll interval must be positive, not {self.poll_interval}.")
-        if self.shutdown_grace < 0:
-            raise WorkerError(f"The shutdown grace period cannot be negative ({self.shutdown_grace}).")
+        if self.claim_timeout > MAX_CLAIM_TIMEOUT:
+            # A lease of years means a crashed worker's tasks are never resumed.
+            raise WorkerError(
+                f"The claim timeout must be at most {MAX_CLAIM_TIMEOUT} seconds (one day), not {self.claim_timeout}: "
+                "a crashed worker's tasks wait that long to be resumed; keep it a few times your longest step."
+            )
+        if not 0 < self.poll_interval <= MAX_POLL_INTERVAL:  # also refuses NaN
+            raise WorkerError(
+                f"The poll interval must be a number of seconds above 0 and at most {MAX_POLL_INTERVAL:g}, "
+                f"not {self.poll_interval}."
+            )
+        if not 0 <= self.shutdown_grace <= MAX_CLAIM_TIMEOUT:
+            raise WorkerError(
+                f"The shutdown grace period must be between 0 and {MAX_CLAIM_TIMEOUT} seconds, "
+                f"not {self.shutdown_grace}."
+            )
         if self.max_tasks is not None and self.max_tasks < 1:
             raise WorkerError(f"--max-tasks must be at least 1, not {self.max_tasks}.")
         if self.connections < 0:
@@ -158,6 +178,14 @@ def is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError)
 
 
+def misconfigured(exc: BaseException) -> WorkerError:
+    alias = conf.get().database_alias
+    return WorkerError(
+        f"The database refused the worker's connection: {_one_line(exc)}. No retry can fix this: correct "
+        f"DATABASES[{alias!r}] (NAME, USER, PASSWORD, HOST) or DATABASE_URL, or ABSURD_AGENTS['DATABASE_ALIAS']."
+    )
+
+
 def _close_connections() -> None:
     connections.close_all()
 
@@ -178,19 +206,10 @@ class _TaskThread(ThreadPoolExecutor):
     def __init__(self) -> None:
         super().__init__(max_workers=1, thread_name_prefix="absurd-task")
         self.used = False
-        self._pending: set[Future[Any]] = set()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         self.used = True
-        future = super().submit(fn, *args, **kwargs)
-        self._pending.add(future)
-        future.add_done_callback(self._pending.discard)
-        return future
-
-    @property
-    def busy(self) -> bool:
-        """Whether a call is still running or queued on this thread."""
-        return bool(self._pending)
+        return super().submit(fn, *args, **kwargs)
 
 
 @dataclass
@@ -238,7 +257,7 @@ class Worker:
         self._stop_event: asyncio.Event | None = None
         self._signalled: asyncio.Event | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self._abandoned_threads: list[_TaskThread] = []
+        self._cut_off = 0
 
     # --- slots ------------------------------------------------------------------------------------
 
@@ -329,6 +348,9 @@ class Worker:
                 for client in (queue.claimer, *queue.executors):
                     with contextlib.suppress(Exception):
                         await client.close()
+            if self._cut_off:
+                # Returning would wait for those calls: asyncio.run() and the interpreter join them.
+                exit_now(0)
             if handle_signals:
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(signum)
@@ -359,6 +381,8 @@ class Worker:
                     "The Absurd schema is not installed in this database. Run `manage.py migrate` first."
                 ) from exc
             except Exception as exc:
+                if is_misconfigured(exc):
+                    raise misconfigured(exc) from exc
                 if not is_connection_error(exc):
                     raise
                 failures += 1
@@ -460,6 +484,8 @@ class Worker:
                 await self._pause(self.config.poll_interval)
 
     async def _claim_failed(self, queue: _Queue, exc: Exception) -> None:
+        if is_misconfigured(exc):
+            raise misconfigured(exc) from exc
         queue.failures += 1
         delay = self._backoff(queue.failures)
         if is_connection_error(exc):
@@ -497,7 +523,6 @@ class Worker:
         queue.running[index] = queue.running.get(index, 0) + 1
         client = queue.executors[index]
         thread = _TaskThread()
-        cancelled = False
         try:
             context = ThreadSensitiveContext(executor=thread) if _CONTEXT_TAKES_EXECUTOR else ThreadSensitiveContext()
             async with context as thread_context:
@@ -506,17 +531,10 @@ class Worker:
                         ended = await execute_claimed(
                             client, task, self.config.claim_timeout, claimed_at=execution.claimed_at
                         )
-                except asyncio.CancelledError:
-                    cancelled = True
-                    raise
                 finally:
                     # The task's thread ends with it, so its connections are closed whatever
-                    # CONN_MAX_AGE says. A task cancelled at the end of the grace period does not
-                    # wait for a sync call still running there: the connection closes after it.
-                    if thread.used and cancelled:
-                        thread.submit(_close_connections)
-                        self._abandoned_threads.append(thread)
-                    elif thread.used:
+                    # CONN_MAX_AGE says.
+                    if thread.used:
                         await asyncio.get_running_loop().run_in_executor(thread, _close_connections)
                     if not _CONTEXT_TAKES_EXECUTOR and thread_context in SyncToAsync.context_to_thread_executor:
                         await sync_to_async(_close_connections)()
@@ -611,20 +629,18 @@ class Worker:
         )
         for runner, _ in abandoned:
             runner.cancel()
-        await asyncio.gather(*(runner for runner, _ in abandoned), return_exceptions=True)
+        # A synchronous call (a sync tool) cannot be interrupted, and asgiref waits for it: such a task
+        # stays stuck in cancellation. It is handed back all the same and the process exits without it.
+        _, stuck = await asyncio.wait([runner for runner, _ in abandoned], timeout=_CANCEL_WAIT)
         for _, execution in abandoned:
             await self._release(execution)
-        if self.cut_off_calls:
+        self._cut_off = len(stuck)
+        if stuck:
             logger.warning(
-                "%d synchronous tool call(s) were still running: the worker does not wait for them; their steps "
-                "were not recorded and run again in the worker that resumes the task.",
-                self.cut_off_calls,
+                "%d task(s) were inside a synchronous call: the worker does not wait for them and exits now; "
+                "their step in flight was not recorded and runs again in the worker that resumes the task.",
+                len(stuck),
             )
-
-    @property
-    def cut_off_calls(self) -> int:
-        """Sync calls of abandoned tasks still running: the process must exit without joining their threads."""
-        return sum(thread.busy for thread in self._abandoned_threads)
 
     async def _release(self, execution: _Execution) -> None:
         """Make an abandoned run claimable now instead of after its lease; it keeps its attempt number."""
@@ -671,19 +687,6 @@ class Worker:
         if self.config.heartbeat_file:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.heartbeat_file)
-
-
-def run_worker(config: WorkerConfig) -> int:
-    """Run a worker in this process until it stops; returns the exit code.
-
-    When the grace period cut off synchronous calls, the process exits without joining their threads
-    (Python would otherwise wait for each call to finish, overstaying the grace period).
-    """
-    worker = Worker(config)
-    code = asyncio.run(worker.run())
-    if worker.cut_off_calls:
-        exit_now(code)
-    return code
 
 
 def exit_now(code: int) -> None:

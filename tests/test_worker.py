@@ -16,8 +16,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from io import StringIO
 from collections.abc import Callable, Iterator
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +179,10 @@ def test_invalid_options_are_refused_with_the_fix() -> None:
         WorkerConfig.from_settings(queues=["Bad-Queue"])
     with pytest.raises(WorkerError, match="at least 1 second"):
         WorkerConfig.from_settings(claim_timeout=0)
+    for bad in ({"claim_timeout": 3_000_000_000}, {"poll_interval": float("inf")}, {"poll_interval": float("nan")},
+                {"concurrency": 10**6}, {"shutdown_grace": float("inf")}):  # fmt: skip
+        with pytest.raises(WorkerError, match="must be"):
+            WorkerConfig.from_settings(**bad)
     config = WorkerConfig.from_settings(queues=["other", "other"])
     assert config.queues == ("other",)
     assert config.claim_timeout == 30  # from tests.settings
@@ -276,8 +280,7 @@ def runs_of(task_id: str) -> list[dict[str, Any]]:
 def with_settings(env: dict[str, str], settings_dir: Path, name: str, extra: str) -> dict[str, str]:
     """``env`` running the worker with ``tests.settings`` plus the ABSURD_AGENTS entries in ``extra``."""
     (settings_dir / f"{name}.py").write_text(
-        f"from {SETTINGS_MODULE} import *  # noqa: F403\n"
-        f"ABSURD_AGENTS = {{**ABSURD_AGENTS, {extra}}}  # noqa: F405\n"
+        f"from {SETTINGS_MODULE} import *  # noqa: F403\nABSURD_AGENTS = {{**ABSURD_AGENTS, {extra}}}  # noqa: F405\n"
     )
     return {**env, "DJANGO_SETTINGS_MODULE": name}
 
@@ -574,3 +577,102 @@ def test_a_restart_during_steps_longer_than_the_lease_runs_each_step_once(
         assert worker.wait() == 0, worker.log()
     finally:
         worker.close()
+
+
+def checkpoint_state(task_id: str, name: str) -> Any:
+    with connection.cursor() as cursor:
+        cursor.execute("select state from absurd.c_agents where task_id = %s and checkpoint_name = %s", [task_id, name])
+        row = cursor.fetchone()
+    return None if row is None else json.loads(row[0]) if isinstance(row[0], str) else row[0]
+
+
+@pytest.mark.slow
+def test_a_task_whose_own_connection_breaks_is_handed_back_without_using_an_attempt(
+    env: dict[str, str], start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    [task_id] = spawn("worker_flaky_connection", {"flag": str(tmp_path / "broke-once")})
+    worker = start_worker(*FAST)
+    wait_until(lambda: all_in_state([task_id], "completed"), "the task to complete after its connection broke")
+    assert runs_of(task_id) == [{"attempt": 1, "state": "completed", "failure": None}]  # max_attempts=1, not used up
+    assert [event for event, task, *_ in runs(env) if task == task_id] == ["run", "run"]
+    assert checkpoint_state(task_id, "$connection_handbacks")["count"] == 1
+    assert "task handed back name=worker_flaky_connection" in worker.log()
+
+
+@pytest.mark.slow
+def test_a_task_that_always_breaks_its_connection_still_ends(
+    env: dict[str, str], settings_dir: Path, tmp_path: Path
+) -> None:
+    [task_id] = spawn("worker_flaky_connection", {"flag": str(tmp_path / "flag"), "always": True})
+    bounded = with_settings(env, settings_dir, "bounded_settings", "'MAX_CONNECTION_HANDBACKS': 2")
+    worker = WorkerProcess(bounded, tmp_path / "bounded.log", *FAST)
+    try:
+        wait_until(lambda: all_in_state([task_id], "failed"), "the task to fail after two hand-backs")
+    finally:
+        worker.close()
+    [only_run] = runs_of(task_id)
+    assert only_run["attempt"] == 1 and only_run["state"] == "failed"
+    assert only_run["failure"]["name"] == "OperationalError"
+    assert [event for event, task, *_ in runs(env) if task == task_id] == ["run"] * 3
+
+
+@pytest.mark.slow
+def test_a_handler_that_swallows_its_suspension_fails_saying_how_to_fix_it(env: dict[str, str], tmp_path: Path) -> None:
+    [task_id] = spawn("worker_swallows_sleep")
+    code, log = run_burst(env, tmp_path, "--queue", "agents")
+    assert code == 0, log
+    [only_run] = runs_of(task_id)
+    assert only_run["state"] == "failed", log
+    assert only_run["failure"]["name"] == "SwallowedSuspension"
+    assert "except SuspendTask: raise" in only_run["failure"]["message"]
+
+
+@pytest.mark.slow
+def test_a_run_failed_elsewhere_is_stopped_and_logged_as_lost(
+    env: dict[str, str], start_worker: Callable[..., WorkerProcess]
+) -> None:
+    [task_id] = spawn("worker_long_step", {"sleep": 30}, max_attempts=1)
+    worker = start_worker("--poll-interval", "0.05", "--claim-timeout", "3")
+    wait_until(lambda: any(event == "slow-start" for event, *_ in runs(env)), "the step to start")
+    with connection.cursor() as cursor:
+        cursor.execute("select run_id from absurd.r_agents where task_id = %s and state = 'running'", [task_id])
+        [(run_id,)] = cursor.fetchall()
+        cursor.execute(
+            "select absurd.fail_run('agents', %s, '{\"message\": \"failed by an operator\"}'::jsonb)", [run_id]
+        )
+    worker.wait_for_log("task lost name=worker_long_step")
+    assert "task cancelled" not in worker.log()
+    assert not any(event == "slow-end" for event, *_ in runs(env))
+
+
+@pytest.mark.slow
+def test_the_grace_period_is_not_overstayed_by_a_running_sync_call(
+    env: dict[str, str], start_worker: Callable[..., WorkerProcess]
+) -> None:
+    [task_id] = spawn("worker_slow_sync_call", {"sleep": 60})
+    worker = start_worker(*FAST, "--shutdown-grace", "1")
+    wait_until(lambda: any(event == "sync-start" for event, *_ in runs(env)), "the sync call to start")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=15) == 0, worker.log()  # not after the call's remaining 60 s
+    assert "the worker does not wait for them and exits now" in worker.log()
+    assert not any(event == "sync-end" for event, *_ in runs(env))
+    assert runs_of(task_id) == [{"attempt": 1, "state": "sleeping", "failure": None}]  # handed back, same attempt
+
+
+def test_a_worker_with_a_wrong_database_exits_at_once_naming_the_setting(env: dict[str, str], tmp_path: Path) -> None:
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    wrong = make_conninfo(**{**conninfo_to_dict(env["DATABASE_URL"]), "dbname": "no_such_database"})
+    code, log = run_burst({**env, "DATABASE_URL": wrong}, tmp_path)
+    assert code != 0
+    assert "no_such_database" in log and "DATABASE_URL" in log
+    assert "retrying" not in log
+
+
+async def test_work_batch_uses_the_claim_timeout_setting(project_absurd: Any) -> None:
+    from tests import worker_tasks  # noqa: F401  (registers the handlers in this process)
+
+    task_id = (await project_absurd.spawn("worker_claim_timeout"))["task_id"]
+    await project_absurd.work_batch()
+    snapshot = await project_absurd.fetch_task_result(task_id)
+    assert snapshot.state == "completed" and snapshot.result == 30  # CLAIM_TIMEOUT of tests.settings, not 120

@@ -159,3 +159,56 @@ async def long_step(params: dict[str, Any], ctx: Any) -> dict[str, Any]:
         return "after done"
 
     return {"slow": await ctx.step("slow", slow), "after": await ctx.step("after", after)}
+
+
+def _terminate_own_backend() -> None:
+    """Break this thread's Django connection for real: the server ends its session mid-query."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("select pg_terminate_backend(pg_backend_pid())")
+
+
+@absurd.register_task(name="worker_flaky_connection", default_max_attempts=1)
+async def flaky_connection(params: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Lose its own ORM connection: on every execution with ``always``, else on the first one only."""
+    from asgiref.sync import sync_to_async
+
+    record("run", ctx.task_id)
+    flag = params["flag"]
+    if params.get("always") or not os.path.exists(flag):
+        with open(flag, "a"):
+            pass
+        await sync_to_async(_terminate_own_backend)()
+    return {"pid": await sync_to_async(backend_pid)()}
+
+
+@absurd.register_task(name="worker_swallows_sleep", default_max_attempts=1)
+async def swallows_sleep(params: Any, ctx: Any) -> dict[str, Any]:
+    """The mistake of wrapping a durable wait in a broad ``except Exception``."""
+    try:
+        await ctx.sleep_for("nap", 60)
+    except Exception:
+        record("swallowed", ctx.task_id)
+    return {"done": True}
+
+
+@absurd.register_task(name="worker_slow_sync_call")
+async def slow_sync_call(params: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """A synchronous call (a sync tool, an ORM report) that outlives the shutdown grace period."""
+    from asgiref.sync import sync_to_async
+
+    def blocking() -> None:
+        record("sync-start", ctx.task_id)
+        time.sleep(params["sleep"])
+        record("sync-end", ctx.task_id)
+
+    await sync_to_async(blocking)()
+    return {"done": True}
+
+
+@absurd.register_task(name="worker_claim_timeout")
+async def claim_timeout_seen(params: Any, ctx: Any) -> int:
+    from django_absurd_agents import sdk
+
+    return sdk.claim_timeout(ctx)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import sys
@@ -10,7 +11,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from django_absurd_agents import conf
-from django_absurd_agents.worker import WorkerConfig, WorkerError, discover_tasks, run_worker
+from django_absurd_agents.worker import Worker, WorkerConfig, WorkerError, discover_tasks
 
 _LEVELS = {0: logging.WARNING, 1: logging.INFO}
 
@@ -84,7 +85,7 @@ class Command(BaseCommand):
                 heartbeat_file=options["heartbeat_file"],
             )
             discover_tasks()
-            code = run_worker(config)
+            code = asyncio.run(Worker(config).run())
         except WorkerError as exc:
             raise CommandError(str(exc)) from exc
         if code:

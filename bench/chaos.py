@@ -74,6 +74,7 @@ class Plan:
     claim_timeout: int
     poll_interval: float
     pg_down: float
+    max_latency: float
     drain_timeout: float
     seed: int
 
@@ -98,6 +99,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]
     parser.add_argument("--claim-timeout", type=int, default=2)
     parser.add_argument("--poll-interval", type=float, default=0.2)
     parser.add_argument("--pg-down", type=float, default=1.0, help="Seconds the database stays down.")
+    parser.add_argument(
+        "--max-latency",
+        type=float,
+        default=0.3,
+        help="Longest model request in seconds (each sleeps 0 to this); above --claim-timeout, steps outlive leases.",
+    )
     parser.add_argument("--drain-timeout", type=float, default=90.0)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--json", type=Path, help="Write the report here as JSON.")
@@ -113,6 +120,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]
         claim_timeout=args.claim_timeout,
         poll_interval=args.poll_interval,
         pg_down=args.pg_down,
+        max_latency=args.max_latency,
         drain_timeout=args.drain_timeout,
         seed=args.seed if args.seed is not None else random.SystemRandom().randrange(1_000_000),
     )
@@ -305,6 +313,7 @@ def run(plan: Plan, base: Path) -> dict[str, Any]:
         "DATABASE_URL": url,
         "DJANGO_SETTINGS_MODULE": SETTINGS,
         "CHAOS_LOG": str(log_path),
+        "CHAOS_MAX_LATENCY": str(plan.max_latency),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     log_dir = base / "workers"
@@ -559,6 +568,7 @@ def analyse(plan: Plan, task_ids: list[str], fleet: Fleet, restart: dict[str, An
             "workers": plan.workers,
             "concurrency": plan.concurrency,
             "claim_timeout_s": plan.claim_timeout,
+            "max_latency_s": plan.max_latency,
             "kill_every_s": plan.kill_every,
             "seed": plan.seed,
             "model_requests_per_task": STEPS + 1,

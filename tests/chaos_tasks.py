@@ -35,7 +35,7 @@ from django_absurd_agents import AbsurdAgent, absurd
 STEPS = 8
 """Tool calls per chaos task, so a task makes ``STEPS + 1`` model requests."""
 
-MAX_LATENCY = 0.3
+MAX_LATENCY = float(os.environ.get("CHAOS_MAX_LATENCY", "0.3"))
 
 
 def record(kind: str, **fields: Any) -> None:

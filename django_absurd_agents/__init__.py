@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from django_absurd_agents.agent import AbsurdAgent
-    from django_absurd_agents.client import InvalidParams, ProjectAbsurd, absurd
+    from django_absurd_agents.client import ProjectAbsurd, absurd
     from django_absurd_agents.conversations import register_chat_agent
     from django_absurd_agents.database import database_config
     from django_absurd_agents.durability import AbsurdDurability
@@ -21,12 +21,17 @@ if TYPE_CHECKING:
         resolve_external_event,
         resolve_external_event_sync,
     )
+    from django_absurd_agents.jsonsafe import InvalidParams, UnrecordableStepResult
+    from django_absurd_agents.validation import TaskNotFound, UnknownQueue
 
 __all__ = [
     "AbsurdAgent",
     "AbsurdDurability",
     "InvalidParams",
     "ProjectAbsurd",
+    "TaskNotFound",
+    "UnknownQueue",
+    "UnrecordableStepResult",
     "absurd",
     "database_config",
     "fail_external_event",
@@ -39,8 +44,11 @@ __all__ = [
 _EXPORTS = {
     "AbsurdAgent": "django_absurd_agents.agent",
     "AbsurdDurability": "django_absurd_agents.durability",
-    "InvalidParams": "django_absurd_agents.client",
+    "InvalidParams": "django_absurd_agents.jsonsafe",
     "ProjectAbsurd": "django_absurd_agents.client",
+    "TaskNotFound": "django_absurd_agents.validation",
+    "UnknownQueue": "django_absurd_agents.validation",
+    "UnrecordableStepResult": "django_absurd_agents.jsonsafe",
     "absurd": "django_absurd_agents.client",
     "database_config": "django_absurd_agents.database",
     "fail_external_event": "django_absurd_agents.external_events",

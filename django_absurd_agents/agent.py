@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, NoReturn
+from typing import Any
 
 from pydantic_ai.agent import AbstractAgent, EventStreamHandler, WrapperAgent
 from pydantic_ai.exceptions import UserError
@@ -19,7 +19,7 @@ from django_absurd_agents.durability import AbsurdDurability, current_task_conte
 
 
 class AbsurdAgent(WrapperAgent[Any, Any]):
-    """A durable agent for Absurd tasks; outside a task it runs like the inner agent."""
+    """A durable agent for Absurd tasks; outside a task it runs like the inner agent (`run_sync` included)."""
 
     def __init__(
         self,
@@ -83,11 +83,14 @@ class AbsurdAgent(WrapperAgent[Any, Any]):
         async with self.wrapped.iter(user_prompt, **kwargs) as run:
             yield run
 
-    def run_sync(self, *args: Any, **kwargs: Any) -> NoReturn:  # type: ignore[override]
-        raise UserError(
-            f"AbsurdAgent.run_sync() is not supported: Absurd task handlers are async, so call "
-            f"`await {self._absurd_name}.run(...)` inside the task."
-        )
+    def run_sync(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Outside a task, the plain agent's ``run_sync`` (no steps, no database); refused inside one."""
+        if current_task_context() is not None:
+            raise UserError(
+                f"AbsurdAgent.run_sync() cannot be used inside an Absurd task (agent {self._absurd_name!r}): task "
+                "handlers are async, so call `await agent.run(...)` there."
+            )
+        return super().run_sync(*args, **kwargs)
 
     def _refuse_stream_in_task(self, method: str) -> None:
         if current_task_context() is not None:

@@ -17,6 +17,7 @@ so the Pydantic AI Absurd tutorial runs with ``absurd`` imported instead of cons
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import uuid
 import weakref
@@ -35,35 +36,29 @@ from absurd_sdk import (
     SpawnResult,
     TaskResultSnapshot,
 )
-from absurd_sdk import _fail_task_run_async as fail_task_run
-from django.core.serializers.json import DjangoJSONEncoder
 from django.db import DatabaseError, connections
 from psycopg import AsyncConnection
 
-from django_absurd_agents import conf
+from django_absurd_agents import conf, jsonsafe, validation
+from django_absurd_agents.execution import execute_claimed
+from django_absurd_agents.jsonsafe import InvalidParams as InvalidParams  # re-exported: its old home
 from django_absurd_agents.lease import keep_lease
+from django_absurd_agents.task_context import check_context
+from django_absurd_agents.validation import TaskNotFound as TaskNotFound  # re-exported
+from django_absurd_agents.validation import UnknownQueue as UnknownQueue  # re-exported: its old home
 
 TaskId = str | uuid.UUID
 TaskHandler = Callable[[Any, AsyncTaskContext], Awaitable[Any]]
 
 
-class InvalidParams(ValueError):
-    """Task params that cannot be stored; nothing was written."""
+class SpawnedTask(SpawnResult):
+    """What a spawn returns: absurd-sdk's ids (as strings), and whether this call created the task.
 
+    ``created`` is False when ``idempotency_key`` already named a task: the ids are that task's, and
+    the params (and options) of this call were not used.
+    """
 
-class UnknownTask(Exception):
-    """A claimed task whose name this worker has not registered."""
-
-
-class UnknownQueue(ValueError):
-    """A spawn to a queue that does not exist in the database; nothing was written."""
-
-
-def _unknown_queue(queue: str) -> UnknownQueue:
-    return UnknownQueue(
-        f"Queue {queue!r} does not exist in the database. Add it to ABSURD_AGENTS['QUEUES'] and run "
-        "`manage.py migrate`, or spawn to a queue that exists."
-    )
+    created: bool
 
 
 def _is_missing_queue(exc: BaseException) -> bool:
@@ -72,20 +67,9 @@ def _is_missing_queue(exc: BaseException) -> bool:
 
 
 def encode_json(value: Any, *, what: str = "Task params", limit: int | None = None) -> str:
-    """JSON text for ``value``, accepting Django's usual values, or a clear error naming the fix."""
-    try:
-        text = json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidParams(
-            f"{what} must be JSON: {exc}. Pass dicts, lists, strings, numbers, booleans, None, or "
-            "UUID/datetime/date/Decimal values; pass a model instance by its primary key."
-        ) from exc
-    if limit is not None and len(text.encode()) > limit:
-        raise InvalidParams(
-            f"{what} are {len(text.encode())} bytes of JSON, over the limit of {limit} "
-            "(ABSURD_AGENTS['MAX_PARAMS_BYTES']). Store large inputs in your own table and pass its id."
-        )
-    return text
+    """JSON text for ``value`` that Postgres will store (Django's usual values accepted), or
+    ``InvalidParams`` naming the problem, where it is, and the fix (see ``jsonsafe``)."""
+    return jsonsafe.encode(value, what=what, limit=limit)
 
 
 def _spawn_options(
@@ -97,7 +81,11 @@ def _spawn_options(
     idempotency_key: str | None,
 ) -> str:
     settings = conf.get()
-    options: dict[str, Any] = {"max_attempts": max_attempts or settings.default_max_attempts}
+    if max_attempts is None:  # 0 is not "unset": _prepare refuses it
+        max_attempts = validation.max_attempts(
+            settings.default_max_attempts, what="ABSURD_AGENTS['DEFAULT_MAX_ATTEMPTS']"
+        )
+    options: dict[str, Any] = {"max_attempts": max_attempts}
     strategy = retry_strategy if retry_strategy is not None else settings.retry_strategy
     if strategy:
         options["retry_strategy"] = dict(strategy)
@@ -110,11 +98,11 @@ def _spawn_options(
     return encode_json(options, what="Spawn options")
 
 
-def _spawn_result(row: Any) -> SpawnResult:
-    return {"task_id": str(row[0]), "run_id": str(row[1]), "attempt": row[2]}
+def _spawn_result(row: Any) -> SpawnedTask:
+    return {"task_id": str(row[0]), "run_id": str(row[1]), "attempt": row[2], "created": bool(row[3])}
 
 
-_SPAWN_SQL = "select task_id, run_id, attempt from absurd.spawn_task(%s, %s, %s::jsonb, %s::jsonb)"
+_SPAWN_SQL = "select task_id, run_id, attempt, created from absurd.spawn_task(%s, %s, %s::jsonb, %s::jsonb)"
 _RESULT_SQL = "select state, result, failure_reason from absurd.get_task_result(%s, %s)"
 
 
@@ -174,10 +162,20 @@ class ProjectAbsurd(AsyncAbsurd):
         return self._conns.get(loop)
 
     async def _ensure_connected(self) -> None:
+        await self.live_connection()
+
+    async def live_connection(self) -> AsyncConnection[Any]:
+        """This loop's connection, opened again if it is closed or broke (a database restart)."""
         loop = asyncio.get_running_loop()
         conn = self._conns.get(loop)
         if conn is None or conn.closed or conn.broken:
-            self._conns[loop] = await AsyncConnection.connect(**connection_params(), autocommit=True)
+            fresh = await AsyncConnection.connect(**connection_params(), autocommit=True)
+            conn = self._conns.get(loop)
+            if conn is None or conn.closed or conn.broken:  # no task sharing it reconnected meanwhile
+                self._conns[loop] = conn = fresh
+            else:
+                await fresh.close()
+        return conn
 
     async def close(self) -> None:
         self.stop_worker()
@@ -195,13 +193,29 @@ class ProjectAbsurd(AsyncAbsurd):
         default_max_attempts: int | None = None,
         default_cancellation: CancellationPolicy | None = None,
     ) -> Callable[[TaskHandler], TaskHandler]:
-        """Register a task handler; without ``queue`` it goes where ``TASK_ROUTES`` sends its name."""
-        return super().register_task(
+        """Register a task handler; without ``queue`` it goes where ``TASK_ROUTES`` sends its name.
+
+        The handler gets a context whose ``step``, ``complete_step`` and ``emit_event`` check their
+        arguments first (``task_context``); the decorated function itself is returned unchanged.
+        """
+        validation.task_name(name)
+        validation.max_attempts(default_max_attempts, what="default_max_attempts")
+        register = super().register_task(
             name,
             queue=queue or conf.get().queue_for(name),
             default_max_attempts=default_max_attempts,
             default_cancellation=default_cancellation,
         )
+
+        def decorator(handler: TaskHandler) -> TaskHandler:
+            @functools.wraps(handler)
+            async def checked(params: Any, ctx: AsyncTaskContext) -> Any:
+                return await handler(params, check_context(ctx))
+
+            register(checked)
+            return handler
+
+        return decorator
 
     def resolve_queue(self, task_name: str, queue: str | None = None) -> str:
         """The queue a spawn of ``task_name`` goes to: the registration, else ``queue``, else settings."""
@@ -227,15 +241,20 @@ class ProjectAbsurd(AsyncAbsurd):
         cancellation: CancellationPolicy | None,
         idempotency_key: str | None,
     ) -> tuple[str, str, str, str]:
+        # Everything Postgres would refuse is refused here, before any SQL: a refusal by Postgres would
+        # abort the caller's transaction.
+        validation.task_name(task_name)
         queue_name = self._checked_queue(self.resolve_queue(task_name, queue))
         registration = self._registry.get(task_name) or {}
         params_json = encode_json(params, limit=conf.get().max_params_bytes)
+        if max_attempts is None:
+            max_attempts = registration.get("default_max_attempts")
         options_json = _spawn_options(
-            max_attempts=max_attempts or registration.get("default_max_attempts"),
+            max_attempts=validation.max_attempts(max_attempts),
             retry_strategy=retry_strategy,
             headers=headers,
             cancellation=cancellation or registration.get("default_cancellation"),
-            idempotency_key=idempotency_key,
+            idempotency_key=validation.idempotency_key(idempotency_key),
         )
         return queue_name, task_name, params_json, options_json
 
@@ -249,7 +268,7 @@ class ProjectAbsurd(AsyncAbsurd):
         queue: str | None = None,
         cancellation: CancellationPolicy | None = None,
         idempotency_key: str | None = None,
-    ) -> SpawnResult:
+    ) -> SpawnedTask:
         """Enqueue a task on this client's own connection (not inside Django's transaction)."""
         options: dict[str, Any] = {
             "max_attempts": max_attempts,
@@ -271,7 +290,7 @@ class ProjectAbsurd(AsyncAbsurd):
         try:
             cursor = await self._conn.execute(_SPAWN_SQL, args)
         except psycopg.errors.UndefinedTable as exc:
-            raise _unknown_queue(args[0]) from exc
+            raise validation.unknown_queue(args[0]) from exc
         return _spawn_result(await cursor.fetchone())
 
     def spawn_sync(
@@ -284,7 +303,7 @@ class ProjectAbsurd(AsyncAbsurd):
         queue: str | None = None,
         cancellation: CancellationPolicy | None = None,
         idempotency_key: str | None = None,
-    ) -> SpawnResult:
+    ) -> SpawnedTask:
         """Enqueue a task on Django's connection: inside ``transaction.atomic()`` it commits or rolls back with it."""
         args = self._prepare(
             task_name,
@@ -301,20 +320,63 @@ class ProjectAbsurd(AsyncAbsurd):
                 cursor.execute(_SPAWN_SQL, args)
             except DatabaseError as exc:
                 if _is_missing_queue(exc):
-                    raise _unknown_queue(args[0]) from exc
+                    raise validation.unknown_queue(args[0]) from exc
                 raise
             return _spawn_result(cursor.fetchone())
+
+    # --- finding a task by id ---------------------------------------------------------------
+    #
+    # Calls by id check the id, and find the task, with plain SELECTs before any Absurd function
+    # runs: Absurd raises for an unknown id, which would abort the caller's transaction. Without
+    # queue_name the task is looked up in every catalogued queue (ids are unique across queues),
+    # so a task that TASK_ROUTES sent elsewhere is found too.
+
+    def _search(self, task_id: TaskId, queue_name: str | None) -> tuple[uuid.UUID, str | None]:
+        """The id as a UUID and the queue to search (None: all), both checked before any SQL."""
+        return validation.task_uuid(task_id), None if queue_name is None else self._checked_queue(queue_name)
+
+    def locate_task_sync(self, task_id: TaskId, queue_name: str | None = None) -> tuple[str, str] | None:
+        """``(queue, state)`` of the task, in ``queue_name`` or else in any queue; None when there is none."""
+        identifier, queue = self._search(task_id, queue_name)
+        with django_connection().cursor() as cursor:
+            return validation.locate_sync(cursor, identifier, queue)
+
+    async def locate_task(self, task_id: TaskId, queue_name: str | None = None) -> tuple[str, str] | None:
+        """Async counterpart of ``locate_task_sync``, on the client's own connection."""
+        identifier, queue = self._search(task_id, queue_name)
+        await self._ensure_connected()
+        return await validation.locate(self._conn, identifier, queue)
+
+    def _existing_sync(self, task_id: TaskId, queue_name: str | None) -> tuple[str, str]:
+        located = self.locate_task_sync(task_id, queue_name)
+        if located is None:
+            raise validation.not_found(task_id, queue_name)
+        return located
+
+    async def _existing(self, task_id: TaskId, queue_name: str | None) -> tuple[str, str]:
+        located = await self.locate_task(task_id, queue_name)
+        if located is None:
+            raise validation.not_found(task_id, queue_name)
+        return located
 
     # --- results, events, cancel, retry -----------------------------------------------------
 
     async def fetch_task_result(  # type: ignore[override]
         self, task_id: TaskId, queue_name: str | None = None
     ) -> TaskResultSnapshot | None:
-        return await super().fetch_task_result(str(task_id), self._checked_queue(queue_name))
+        """The task's state and outcome, or None when no task has this id (in ``queue_name``, or anywhere)."""
+        located = await self.locate_task(task_id, queue_name)
+        if located is None:
+            return None
+        return await super().fetch_task_result(str(validation.task_uuid(task_id)), located[0])
 
     def fetch_task_result_sync(self, task_id: TaskId, queue_name: str | None = None) -> TaskResultSnapshot | None:
+        """The task's state and outcome, or None when no task has this id (in ``queue_name``, or anywhere)."""
+        located = self.locate_task_sync(task_id, queue_name)
+        if located is None:
+            return None
         with django_connection().cursor() as cursor:
-            cursor.execute(_RESULT_SQL, [self._checked_queue(queue_name), str(task_id)])
+            cursor.execute(_RESULT_SQL, [located[0], str(validation.task_uuid(task_id))])
             row = cursor.fetchone()
         if row is None:
             return None
@@ -324,27 +386,38 @@ class ProjectAbsurd(AsyncAbsurd):
     async def await_task_result(  # type: ignore[override]
         self, task_id: TaskId, timeout: float | None = None, queue_name: str | None = None
     ) -> TaskResultSnapshot:
-        return await super().await_task_result(str(task_id), timeout, self._checked_queue(queue_name))
+        identifier = validation.task_uuid(task_id)
+        if queue_name is not None:
+            queue = self._checked_queue(queue_name)
+        else:
+            queue, _ = await self._existing(identifier, None)
+        return await super().await_task_result(str(identifier), timeout, queue)
+
+    def _event_args(self, event_name: str, payload: Any, queue_name: str | None) -> tuple[str, str, str]:
+        """Queue, name and JSON payload of an emit, checked before any SQL; payloads share the params' limit."""
+        validation.event_name(event_name)
+        queue = self._checked_queue(queue_name)
+        return queue, event_name, encode_json(payload, what="Event payload", limit=conf.get().max_params_bytes)
 
     async def emit_event(self, event_name: str, payload: Any = None, queue_name: str | None = None) -> None:  # type: ignore[override]
-        queue = self._checked_queue(queue_name)
-        await super().emit_event(event_name, json.loads(encode_json(payload, what="Event payload")), queue)
+        queue, name, payload_json = self._event_args(event_name, payload, queue_name)
+        await super().emit_event(name, json.loads(payload_json), queue)
 
     def emit_event_sync(self, event_name: str, payload: Any = None, queue_name: str | None = None) -> None:
-        if not event_name:
-            raise ValueError("event_name must be a non-empty string")
+        args = self._event_args(event_name, payload, queue_name)
         with django_connection().cursor() as cursor:
-            cursor.execute(
-                "select absurd.emit_event(%s, %s, %s::jsonb)",
-                [self._checked_queue(queue_name), event_name, encode_json(payload, what="Event payload")],
-            )
+            cursor.execute("select absurd.emit_event(%s, %s, %s::jsonb)", list(args))
 
     async def cancel_task(self, task_id: TaskId, queue_name: str | None = None) -> None:  # type: ignore[override]
-        await super().cancel_task(str(task_id), self._checked_queue(queue_name))
+        """Cancel the task (a no-op when it has finished); ``TaskNotFound`` when no task has this id."""
+        queue, _ = await self._existing(task_id, queue_name)
+        await super().cancel_task(str(validation.task_uuid(task_id)), queue)
 
     def cancel_task_sync(self, task_id: TaskId, queue_name: str | None = None) -> None:
+        """Cancel the task on Django's connection; ``TaskNotFound`` (nothing run) when no task has this id."""
+        queue, _ = self._existing_sync(task_id, queue_name)
         with django_connection().cursor() as cursor:
-            cursor.execute("select absurd.cancel_task(%s, %s)", [self._checked_queue(queue_name), str(task_id)])
+            cursor.execute("select absurd.cancel_task(%s, %s)", [queue, str(validation.task_uuid(task_id))])
 
     async def retry_task(  # type: ignore[override]
         self,
@@ -354,8 +427,11 @@ class ProjectAbsurd(AsyncAbsurd):
         spawn_new: bool = False,
         queue_name: str | None = None,
     ) -> RetryTaskResult:
+        """Retry a failed task; ``TaskNotFound`` when no task has this id."""
+        validation.max_attempts(max_attempts)
+        queue, _ = await self._existing(task_id, queue_name)
         result = await super().retry_task(
-            str(task_id), max_attempts=max_attempts, spawn_new=spawn_new, queue_name=self._checked_queue(queue_name)
+            str(validation.task_uuid(task_id)), max_attempts=max_attempts, spawn_new=spawn_new, queue_name=queue
         )
         return {**result, "task_id": str(result["task_id"]), "run_id": str(result["run_id"])}
 
@@ -367,15 +443,17 @@ class ProjectAbsurd(AsyncAbsurd):
         spawn_new: bool = False,
         queue_name: str | None = None,
     ) -> RetryTaskResult:
+        """Retry a failed task on Django's connection; ``TaskNotFound`` (nothing run) when no task has this id."""
         options: dict[str, Any] = {}
-        if max_attempts is not None:
+        if validation.max_attempts(max_attempts) is not None:
             options["max_attempts"] = max_attempts
         if spawn_new:
             options["spawn_new"] = True
+        queue, _ = self._existing_sync(task_id, queue_name)
         with django_connection().cursor() as cursor:
             cursor.execute(
                 "select task_id, run_id, attempt, created from absurd.retry_task(%s, %s, %s::jsonb)",
-                [self._checked_queue(queue_name), str(task_id), json.dumps(options)],
+                [queue, str(validation.task_uuid(task_id)), json.dumps(options)],
             )
             row = cursor.fetchone()
         return {"task_id": str(row[0]), "run_id": str(row[1]), "attempt": row[2], "created": row[3]}
@@ -383,21 +461,32 @@ class ProjectAbsurd(AsyncAbsurd):
     # --- execution --------------------------------------------------------------------------
 
     async def _execute_task(self, task: ClaimedTask, claim_timeout: int) -> None:
-        if task["task_name"] not in self._registry:
-            await self._ensure_connected()
-            assert self._conn is not None
-            await fail_task_run(
-                self._conn,
-                self._queue_name,
-                task["run_id"],
-                UnknownTask(
-                    f"No handler is registered for task {task['task_name']!r} in this worker. Register it with "
-                    f"@absurd.register_task(name={task['task_name']!r}) in an installed app's tasks.py, or list "
-                    "its module in ABSURD_AGENTS['TASK_MODULES'], then restart the worker and retry the task."
-                ),
-            )
-            return
-        await super()._execute_task(task, claim_timeout)
+        """Run a claimed task; the SDK's ``work_batch`` and ``start_worker`` call this too."""
+        await execute_claimed(self, task, claim_timeout)
+
+    async def work_batch(  # type: ignore[override]
+        self, worker_id: str = "worker", claim_timeout: int | None = None, batch_size: int = 1
+    ) -> None:
+        """absurd-sdk's ``work_batch``, with the lease of ``ABSURD_AGENTS['CLAIM_TIMEOUT']`` by default."""
+        await super().work_batch(worker_id, claim_timeout or conf.get().claim_timeout, batch_size)
+
+    async def start_worker(  # type: ignore[override]
+        self,
+        worker_id: str | None = None,
+        claim_timeout: int | None = None,
+        concurrency: int = 1,
+        batch_size: int | None = None,
+        poll_interval: float | None = None,
+    ) -> None:
+        """absurd-sdk's ``start_worker`` with ``CLAIM_TIMEOUT`` and ``POLL_INTERVAL`` from settings by default."""
+        settings = conf.get()
+        await super().start_worker(
+            worker_id,
+            claim_timeout or settings.claim_timeout,
+            concurrency,
+            batch_size,
+            poll_interval or settings.poll_interval,
+        )
 
     async def _wrap_task_execution(self, ctx: Any, execute: Callable[[], Any]) -> Any:
         user_hook = self._user_hooks.get("wrap_task_execution")

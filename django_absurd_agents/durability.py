@@ -11,7 +11,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from absurd_sdk import AsyncTaskContext, StepHandle, get_current_context
 from pydantic_ai.agent import EventStreamHandler
@@ -24,7 +24,9 @@ from pydantic_ai.durable_exec import (
     DurableOperationBackend,
     DurableOperationId,
     JournalCallableOperationBackend,
+    ModelRequestId,
     RoleBasedOperationConfig,
+    ToolsetCallToolId,
     conversation_id_from_run_id,
     external_event_scope,
     record_durable_unit,
@@ -36,7 +38,11 @@ from pydantic_ai.run import AgentRunResult
 from pydantic_ai.tools import AgentDepsT, RunContext
 from pydantic_core import PydanticSerializationError
 
+from django_absurd_agents.jsonsafe import UnrecordableStepResult, find_problem
 from django_absurd_agents.lease import keep_lease, lease_kept
+from django_absurd_agents.task_context import make_last_attempt
+
+__all__ = ["AbsurdDurability", "AbsurdOperationBackend", "UnrecordableStepResult", "current_task_context"]
 
 _run_counters: weakref.WeakKeyDictionary[AsyncTaskContext, dict[str, int]] = weakref.WeakKeyDictionary()
 """Agent runs started so far in each task attempt, per agent name: gives replay-stable run ids."""
@@ -55,8 +61,26 @@ def _require_context(what: str) -> AsyncTaskContext:
     return ctx
 
 
-class UnrecordableStepResult(TypeError):
-    """A step's result cannot be written to its checkpoint; the message names the step (and so the tool)."""
+def _unit(operation_id: DurableOperationId, name: str) -> str:
+    """What a durable step is, for a person: "the tool 'lookup'", "a model request", ..."""
+    if isinstance(operation_id, ToolsetCallToolId):
+        tool = name.split(".call_tool:", 1)[1].split("#", 1)[0] if ".call_tool:" in name else None
+        return f"the tool {tool!r}" if tool else f"a tool of the toolset {operation_id.toolset_id!r}"
+    if isinstance(operation_id, ModelRequestId):
+        return "a model request"
+    return "the step"
+
+
+async def _unrecordable(ctx: AsyncTaskContext, operation_id: DurableOperationId, name: str, problem: str) -> NoReturn:
+    """Fail the task for good: the step's body ran (a paid model call, a tool's side effect); another
+    attempt would run it again only to fail the same way."""
+    await make_last_attempt(ctx)
+    raise UnrecordableStepResult(
+        f"The durable step {name!r} ({_unit(operation_id, name)}) returned a value that cannot be recorded as "
+        f"JSON: {problem} Return data (str, numbers, dicts, lists, pydantic models, dataclasses, datetimes) from "
+        "the tool or model. The step has run; the task fails now, without another attempt that would run it "
+        "again. Fix the cause, then retry the task: it resumes after the last recorded step."
+    )
 
 
 class AbsurdOperationBackend(JournalCallableOperationBackend[None]):
@@ -86,11 +110,15 @@ class AbsurdOperationBackend(JournalCallableOperationBackend[None]):
                 async with keep_lease(ctx):
                     value = await body()
         except PydanticSerializationError as exc:
-            raise UnrecordableStepResult(
-                f"The durable step {name!r} returned a value that cannot be recorded as JSON: {exc}. Return data "
-                "(str, numbers, dicts, lists, pydantic models, dataclasses, datetimes) from the tool or model."
-            ) from exc
-        await ctx.complete_step(handle, value)
+            await _unrecordable(ctx, operation_id, name, f"{exc}.")
+        # The body's value is JSON-shaped (JSON_CODEC), but may hold what Postgres's jsonb refuses: a NUL
+        # character in text extracted from a PDF, a lone surrogate, a float NaN.
+        problem = find_problem(value)
+        if problem is not None:
+            await _unrecordable(ctx, operation_id, name, f"{problem}. {problem.hint}")
+        # Checked just now: the class's method skips the same check installed on a handler's context
+        # (task_context.check_context), which would walk the value a second time.
+        await type(ctx).complete_step(ctx, handle, value)
         record_durable_unit(executed=True)
         return value
 

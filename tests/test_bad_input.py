@@ -68,9 +68,13 @@ async def call_the_tool_once(messages: list[ModelMessage], info: AgentInfo) -> M
 careless_inner = Agent(FunctionModel(call_the_tool_once), name="careless")
 
 
+socket_calls: list[str] = []
+
+
 @careless_inner.tool_plain
 def open_socket() -> Any:
     """Returns a live object instead of data."""
+    socket_calls.append("open_socket")
     return Unserialisable()
 
 
@@ -250,27 +254,26 @@ def test_django_values_in_params_are_encoded_not_refused() -> None:
 # --- an unknown task name -------------------------------------------------------------------------
 
 
-def test_unknown_task_is_failed_with_where_to_register_it() -> None:
-    """A web process may spawn any name; the worker that claims one it does not know fails the run at
-    once (absurd-sdk alone would put it back every 15-30 s forever) with the fix in the message."""
+def test_unknown_task_is_put_back_without_an_attempt_then_failed_with_where_to_register_it(settings: Any) -> None:
+    """A web process may spawn any name; a worker that claims one it does not know puts it back without
+    using an attempt (a rolling deploy: the new workers know it), with the reason and the fix recorded,
+    and fails it for good once ABSURD_AGENTS['UNKNOWN_TASK_GRACE'] is over."""
     bystander = spawn_bystander()
-    once = absurd.spawn_sync("bad_never_registered", {"x": 1}, max_attempts=1)["task_id"]
-    retried = absurd.spawn_sync("bad_never_registered", {"x": 2})["task_id"]
-    work_until(lambda: state(once) == "failed" and bool(failures(retried)) and state(bystander) == "completed")
+    waiting = absurd.spawn_sync("bad_never_registered", {"x": 1}, max_attempts=1)["task_id"]
+    work_until(lambda: state(waiting) == "sleeping" and state(bystander) == "completed")
+    assert failures(waiting) == []  # no attempt used
+    assert checkpoints(waiting) == ["$unknown_task"]
+    [(reason,)] = rows("select state from absurd.c_agents where task_id = %s", [waiting])
+    reason = json.loads(reason) if isinstance(reason, str) else reason
+    assert "@absurd.register_task(name='bad_never_registered')" in reason["reason"]
 
-    snapshot = result_of(once)
-    assert snapshot.state == "failed"
-    assert snapshot.failure["name"] == "UnknownTask"
-    message = snapshot.failure["message"]
-    assert "'bad_never_registered'" in message
-    assert "@absurd.register_task(name='bad_never_registered')" in message
-    assert "ABSURD_AGENTS['TASK_MODULES']" in message
-    assert "retry the task" in message
-    assert checkpoints(once) == []
-    # With attempts left the task waits for its retry, with the backoff of RETRY_STRATEGY: a worker
-    # deployed with the module in the meantime picks it up.
-    assert state(retried) in ("pending", "sleeping")
-    assert failures(retried)[0]["name"] == "UnknownTask"
+    settings.ABSURD_AGENTS = {**settings.ABSURD_AGENTS, "UNKNOWN_TASK_GRACE": 0}
+    once = absurd.spawn_sync("bad_never_registered", {"x": 2}, max_attempts=5)["task_id"]
+    work_until(lambda: state(once) == "failed")
+    [failure] = failures(once)  # failed for good, despite 5 attempts
+    assert failure["name"] == "UnknownTask"
+    assert "@absurd.register_task(name='bad_never_registered')" in failure["message"]
+    assert "ABSURD_AGENTS['TASK_MODULES']" in failure["message"]
     assert result_of(bystander).state == "completed"
 
 
@@ -323,6 +326,7 @@ def test_the_params_limit_is_a_setting(settings: Any) -> None:
 
 def test_tool_returning_an_unserialisable_object_fails_its_task_naming_the_tool() -> None:
     bystander = spawn_bystander()
+    socket_calls.clear()
     task_id = absurd.spawn_sync("bad_tool", {}, max_attempts=2, retry_strategy={"kind": "none"})["task_id"]
     work_until(finished(task_id, bystander))
 
@@ -331,9 +335,12 @@ def test_tool_returning_an_unserialisable_object_fails_its_task_naming_the_tool(
     text = json.dumps(snapshot.failure)
     assert "open_socket" in text, snapshot.failure
     assert "Unserialisable" in text, snapshot.failure
-    # The model request before it committed; the tool's step did not, on either attempt.
+    # The model request before it committed; the tool's step did not.
     assert checkpoints(task_id) == ["careless__model.request"]
-    assert len(failures(task_id)) == 2
+    # The tool ran (its effect is done) and its result cannot be recorded: the task fails at once,
+    # without a second attempt that would run the tool again for the same failure.
+    assert len(failures(task_id)) == 1 and socket_calls == ["open_socket"]
+    assert "without another attempt" in text
     assert result_of(bystander).state == "completed"
 
 

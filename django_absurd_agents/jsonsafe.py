@@ -1,0 +1,207 @@
+"""What Postgres can store as ``jsonb``, checked before anything is written.
+
+Params, event payloads, step values and task results all end up in ``jsonb`` columns, written by
+absurd-sdk with plain ``json.dumps``. Python's encoder accepts more than Postgres does: it writes
+``NaN`` and ``Infinity`` (not JSON), it escapes a NUL character as ``\\u0000`` and a lone surrogate as
+``\\ud800`` (both refused by ``jsonb``), and it recurses once per level of nesting (so a deep enough
+value raises ``RecursionError``). A refusal by Postgres comes after the statement was sent: it aborts
+the caller's transaction, and for a step it comes after the step's body (a side-effecting tool) ran.
+
+One walk, :func:`find_problem`, finds each of those, with a path to the offending value
+(``$.pages[3].text``), without recursion. Every writer of this package uses it:
+
+* :func:`encode` for params and event payloads (``InvalidParams``, before any SQL);
+* the step checks of ``task_context`` and ``durability`` (``UnrecordableStepResult``, the task then
+  fails without another attempt);
+* the task-result check of the worker (through ``client.encode_json``).
+
+NUL characters are refused, not escaped: text that holds one (often text extracted from a PDF or a web
+page) is almost always a bug of the extraction, and silently changing a tool's or a model's output
+would make a replay see something else than the code that produced it. Remove them where the text
+comes from (``text.replace("\\x00", "")``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from django.core.serializers.json import DjangoJSONEncoder
+
+MAX_DEPTH = 200
+"""Deepest nesting of lists and dicts accepted (real data is a few levels deep; a cycle is infinite)."""
+
+_PATH_SHOWN = 12
+"""Path segments shown in a message; deeper ones are elided."""
+
+_SUSPECT = re.compile("[\x00\ud800-\udfff]")
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+GENERIC_HINT = (
+    "Pass dicts, lists, strings, numbers, booleans, None, or UUID/datetime/date/Decimal values; pass a "
+    "model instance by its primary key."
+)
+
+
+class InvalidParams(ValueError):
+    """Task params, an event payload or a spawn argument that cannot be stored; nothing was written."""
+
+
+class UnrecordableStepResult(TypeError):
+    """A step's result cannot be written to its checkpoint; the message names the step (and so the tool).
+
+    The step's body has run, so the task is failed without another attempt: a retry would run the
+    body (a side-effecting tool, a paid model request) again only to fail the same way. Fix the code,
+    then retry the task: it resumes after the last recorded step.
+    """
+
+
+class Problem:
+    """Why a value cannot be stored, and where in it (``$`` is the value itself)."""
+
+    def __init__(self, kind: str, path: str, detail: str) -> None:
+        self.kind = kind
+        self.path = path
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.detail} at {self.path}"
+
+    @property
+    def hint(self) -> str:
+        return _HINTS[self.kind]
+
+
+_HINTS = {
+    "nul": (
+        "Postgres cannot store the NUL character in text: remove it where the text comes from "
+        '(text.replace("\\x00", "")).'
+    ),
+    "surrogate": (
+        "A lone surrogate is not Unicode text: decode the bytes it came from with errors='replace', or drop it."
+    ),
+    "number": "JSON has no NaN or Infinity: use None or a string instead.",
+    "depth": f"Nesting deeper than {MAX_DEPTH} levels (or a value that contains itself) is refused: flatten it.",
+}
+
+
+def _text_problem(text: str) -> tuple[str, str] | None:
+    """(kind, detail) for the first NUL or unpaired surrogate in ``text``; a surrogate pair is fine."""
+    if text.isascii() and "\x00" not in text:  # both are fast scans in C; most text stops here
+        return None
+    match = _SUSPECT.search(text)
+    while match is not None:
+        index = match.start()
+        char = match.group()
+        if char == "\x00":
+            return "nul", f"a NUL character (\\u0000) at position {index}"
+        if char <= "\udbff" and index + 1 < len(text) and "\udc00" <= text[index + 1] <= "\udfff":
+            match = _SUSPECT.search(text, index + 2)
+            continue
+        return "surrogate", f"an unpaired surrogate (\\u{ord(char):04x}) at position {index}"
+    return None
+
+
+def _segment(key: Any) -> str:
+    if isinstance(key, int) and not isinstance(key, bool):
+        return f"[{key}]"
+    text = str(key)
+    if _IDENTIFIER.match(text):
+        return f".{text}"
+    return "[" + json.dumps(text)[:60] + "]"
+
+
+def _path(link: tuple[Any, ...] | None) -> str:
+    segments: list[str] = []
+    while link is not None:
+        link, key = link
+        segments.append(_segment(key))
+    segments.reverse()
+    if len(segments) > _PATH_SHOWN:
+        segments = [*segments[: _PATH_SHOWN // 2], "...", *segments[-_PATH_SHOWN // 2 :]]
+    return "$" + "".join(segments)
+
+
+def find_problem(value: Any, *, max_depth: int = MAX_DEPTH) -> Problem | None:
+    """The first part of ``value`` that Postgres's ``jsonb`` would refuse, or None.
+
+    Looks at strings (and dict keys), floats and the nesting of dicts, lists and tuples; any other
+    object is left to the JSON encoder. Iterative, so no nesting raises ``RecursionError``.
+    """
+    # Each entry: (value, depth, path link); a link is (parent link, key), built only when needed.
+    stack: list[tuple[Any, int, tuple[Any, ...] | None]] = [(value, 0, None)]
+    while stack:
+        item, depth, link = stack.pop()
+        if isinstance(item, str):
+            found = _text_problem(item)
+            if found is not None:
+                return Problem(found[0], _path(link), f"{found[1]} of the string")
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return Problem("number", _path(link), f"the number {item!r}")
+        elif isinstance(item, dict):
+            if depth >= max_depth:
+                return Problem("depth", _path(link), f"nesting deeper than {max_depth} levels")
+            for key, child in reversed(list(item.items())):
+                if isinstance(key, str):
+                    found = _text_problem(key)
+                    if found is not None:
+                        return Problem(found[0], _path((link, key)), f"{found[1]} of the key")
+                stack.append((child, depth + 1, (link, key)))
+        elif isinstance(item, list | tuple):
+            if depth >= max_depth:
+                return Problem("depth", _path(link), f"nesting deeper than {max_depth} levels")
+            for index in range(len(item) - 1, -1, -1):
+                stack.append((item[index], depth + 1, (link, index)))
+    return None
+
+
+def encode(value: Any, *, what: str = "Task params", limit: int | None = None) -> str:
+    """JSON text for ``value`` that Postgres will store, accepting Django's usual values (UUID,
+    datetime, Decimal), or ``InvalidParams`` naming the problem and the fix. No SQL is involved."""
+    problem = find_problem(value)
+    if problem is not None:
+        hint = f"{problem.hint} {GENERIC_HINT}" if problem.kind == "number" else problem.hint
+        raise InvalidParams(f"{what} must be JSON: {problem}. {hint}")
+    try:
+        text = json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidParams(f"{what} must be JSON: {exc}. {GENERIC_HINT}") from exc
+    if limit is not None:
+        size = len(text.encode())
+        if size > limit:
+            raise InvalidParams(
+                f"{what} are {size} bytes of JSON, over the limit of {limit} (ABSURD_AGENTS['MAX_PARAMS_BYTES'], "
+                "which caps task params and event payloads alike). Store large inputs in your own table and "
+                "pass its id."
+            )
+    return text
+
+
+def recordable_problem(value: Any) -> str | None:
+    """Why absurd-sdk could not record ``value`` (it writes with plain ``json.dumps``), or None."""
+    problem = find_problem(value)
+    if problem is not None:
+        return f"{problem}. {problem.hint}"
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        return (
+            f"{exc}. Return JSON data: dicts, lists, strings, numbers, booleans and None (convert datetimes, "
+            "UUIDs and Decimals to strings, models to dicts)."
+        )
+    return None
+
+
+def name_problem(value: object, what: str) -> str | None:
+    """Why ``value`` cannot be a task or event name (a non-blank string Postgres can store), or None."""
+    if not isinstance(value, str):
+        return f"{what} must be a string, not {type(value).__name__} ({value!r})."
+    if not value.strip():
+        return f"{what} must not be blank ({value!r})."
+    found = _text_problem(value)
+    if found is not None:
+        return f"{what} {value!r} contains {found[1]}."
+    return None

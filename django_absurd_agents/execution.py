@@ -179,18 +179,24 @@ async def _checkpoint(conn: TaskConnection, queue: str, task: ClaimedTask, name:
 
 
 async def _save_checkpoint(conn: TaskConnection, queue: str, task: ClaimedTask, name: str, state: Any) -> None:
-    await conn.execute(
-        "select absurd.set_task_checkpoint_state(%s, %s, %s, %s, %s, null)",
-        (queue, task["task_id"], name, json.dumps(state), task["run_id"]),
-    )
+    with sdk.task_state_errors():
+        await conn.execute(
+            "select absurd.set_task_checkpoint_state(%s, %s, %s, %s, %s, null)",
+            (queue, task["task_id"], name, json.dumps(state), task["run_id"]),
+        )
 
 
 async def _schedule(conn: TaskConnection, queue: str, task: ClaimedTask, delay: float) -> None:
     """Put the run back to sleep for ``delay`` seconds: the same run, so no attempt is used."""
-    await conn.execute(
-        "select absurd.schedule_run(%s, %s, absurd.current_time() + make_interval(secs => %s))",
-        (queue, task["run_id"], delay),
-    )
+    try:
+        await conn.execute(
+            "select absurd.schedule_run(%s, %s, absurd.current_time() + make_interval(secs => %s))",
+            (queue, task["run_id"], delay),
+        )
+    except psycopg.errors.RaiseException as exc:
+        if "is not currently running" in str(exc):  # swept after its lease expired: no longer ours
+            raise FailedTask() from exc
+        raise
 
 
 async def _hand_back(conn: TaskConnection, queue: str, task: ClaimedTask, exc: BaseException) -> bool:

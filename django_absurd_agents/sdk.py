@@ -48,6 +48,14 @@ async def fail_run(conn: Any, queue: str, run_id: Any, error: BaseException) -> 
     await absurd_sdk._fail_task_run_async(conn, queue, run_id, error)
 
 
+def task_state_errors() -> Any:
+    """Turn Absurd's "cancelled" / "already failed" errors into ``CancelledTask`` / ``FailedTask``.
+
+    Private: ``_task_state_exception_handling`` is how the SDK maps SQLSTATE AB001/AB002 (0.5.1).
+    """
+    return absurd_sdk._task_state_exception_handling()
+
+
 def registry(client: AsyncAbsurd) -> dict[str, dict[str, Any]]:
     """Task name -> registration (``queue``, ``handler``, defaults). Private ``_registry`` (0.5.1): no accessor."""
     return client._registry

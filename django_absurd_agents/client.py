@@ -113,7 +113,7 @@ class ProjectAbsurd(AsyncAbsurd):
         # Settings are read lazily (this object is created at import time), so AsyncAbsurd's
         # constructor, which fixes the queue and opens a connection, is not called.
         self._user_hooks: AbsurdHooks = hooks or {}
-        self._hooks = {**self._user_hooks, "wrap_task_execution": self._wrap_task_execution}
+        self._hooks = {**self._user_hooks, "wrap_task_execution": self.wrap_task_execution}
         self._registry: dict[str, dict[str, Any]] = {}
         self._worker_running = False
         self._owned_conn = True
@@ -488,7 +488,8 @@ class ProjectAbsurd(AsyncAbsurd):
             poll_interval or settings.poll_interval,
         )
 
-    async def _wrap_task_execution(self, ctx: Any, execute: Callable[[], Any]) -> Any:
+    async def wrap_task_execution(self, ctx: Any, execute: Callable[[], Any]) -> Any:
+        """Keep the lease around the handler, inside the project's own ``wrap_task_execution`` hook."""
         user_hook = self._user_hooks.get("wrap_task_execution")
         async with keep_lease(ctx):
             if user_hook is None:

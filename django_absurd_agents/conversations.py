@@ -49,7 +49,7 @@ from pydantic import ValidationError
 from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter
 from pydantic_core import to_jsonable_python
 
-from django_absurd_agents import conf
+from django_absurd_agents import conf, sdk
 from django_absurd_agents.agent import AbsurdAgent
 from django_absurd_agents.client import absurd, encode_json
 from django_absurd_agents.models import Conversation, Turn
@@ -121,7 +121,7 @@ def register_chat_agent(
             "each chat agent needs a name of its own: `Agent(..., name='...')`."
         )
     _chat_agents[name] = ChatAgent(agent=agent, deps=deps, previous_turn_recheck=previous_turn_recheck)
-    if TURN_TASK not in absurd._registry:
+    if TURN_TASK not in sdk.registry(absurd):
         absurd.register_task(name=TURN_TASK)(run_turn)
     return agent
 
@@ -415,7 +415,7 @@ def _save(turn: Turn, values: dict[str, Any]) -> bool:
 
 
 def _is_last_attempt(ctx: AsyncTaskContext) -> bool:
-    claimed = ctx._task
+    claimed = sdk.claimed_task(ctx)
     max_attempts = claimed.get("max_attempts")
     return max_attempts is not None and int(claimed.get("attempt") or 0) >= int(max_attempts)
 

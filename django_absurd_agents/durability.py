@@ -38,6 +38,7 @@ from pydantic_ai.run import AgentRunResult
 from pydantic_ai.tools import AgentDepsT, RunContext
 from pydantic_core import PydanticSerializationError
 
+from django_absurd_agents import sdk
 from django_absurd_agents.jsonsafe import UnrecordableStepResult, find_problem
 from django_absurd_agents.lease import keep_lease, lease_kept
 from django_absurd_agents.task_context import make_last_attempt
@@ -98,10 +99,11 @@ class AbsurdOperationBackend(JournalCallableOperationBackend[None]):
         ctx = _require_context(f"The durable step {name!r}")
         # absurd-sdk loaded the task's committed checkpoints when it was claimed, and adds each one this
         # run writes: a name missing from them is a new step, so skip the SDK's per-step SELECT.
-        checkpoint_name = ctx._get_checkpoint_name(name)
-        if checkpoint_name in ctx._checkpoint_cache:
+        checkpoint_name = sdk.checkpoint_name(ctx, name)
+        recorded = sdk.recorded_checkpoints(ctx)
+        if checkpoint_name in recorded:
             record_durable_unit(executed=False)
-            return ctx._checkpoint_cache[checkpoint_name]
+            return recorded[checkpoint_name]
         handle = StepHandle(name=name, checkpoint_name=checkpoint_name, done=False)
         try:
             if lease_kept(ctx):

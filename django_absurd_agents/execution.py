@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
 from absurd_sdk import CancelledTask, ClaimedTask, FailedTask, SuspendTask
-from psycopg import sql
 
 from django_absurd_agents import conf, sdk
+from django_absurd_agents.attempts import last_attempt_statement
 from django_absurd_agents.reconnect import Lease, TaskConnection, is_transient
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ async def execute_claimed(
 
     try:
         with sdk.current_context(ctx):
-            result = await client._wrap_task_execution(ctx, execute)
+            result = await client.wrap_task_execution(ctx, execute)
             await sdk.complete_run(conn, queue, task["run_id"], _encoded_result(task, result))
     except SuspendTask:
         return Ended("suspended")
@@ -270,12 +270,8 @@ async def _put_back_unknown(conn: TaskConnection, queue: str, task: ClaimedTask)
 
 async def _fail_for_good(live: psycopg.AsyncConnection[Any], queue: str, task: ClaimedTask, error: Exception) -> None:
     """Fail the task with no retry left: its attempts are capped at this one, in the same transaction."""
-    tasks, runs = sql.Identifier("absurd", f"t_{queue}"), sql.Identifier("absurd", f"r_{queue}")
-    cap = sql.SQL(
-        "update {tasks} t set max_attempts = r.attempt from {runs} r where r.run_id = %s and t.task_id = r.task_id"
-    ).format(tasks=tasks, runs=runs)
     async with live.transaction():
-        await live.execute(cap, (task["run_id"],))
+        await live.execute(last_attempt_statement(queue), (task["run_id"],))
         await sdk.fail_run(live, queue, task["run_id"], error)
     logger.error(
         "task failed name=%s id=%s queue=%s: %s", task["task_name"], task["task_id"], queue, error, exc_info=False

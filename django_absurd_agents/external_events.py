@@ -24,6 +24,8 @@ from pydantic import JsonValue
 from pydantic_ai.durable_exec import ExternalEventError, ExternalEventWaiter
 from pydantic_ai.exceptions import UserError
 
+from django_absurd_agents import sdk
+
 TOKEN_PREFIX = "absurd-event"
 
 
@@ -61,7 +63,7 @@ class AbsurdEventWaiter(ExternalEventWaiter):
         step = self._prefix.format(name)
 
         async def new_token() -> str:
-            return make_token(ctx._queue_name, f"external:{ctx.task_id}:{uuid.uuid4().hex}")
+            return make_token(sdk.queue_name(ctx), f"external:{ctx.task_id}:{uuid.uuid4().hex}")
 
         token = await ctx.step(f"{step}.token", new_token)
         answer = await ctx.step(f"{step}.ask", lambda: ask(token))

@@ -61,6 +61,19 @@ def registry(client: AsyncAbsurd) -> dict[str, dict[str, Any]]:
     return client._registry
 
 
+def checkpoint_name(ctx: AsyncTaskContext, step: str) -> str:
+    """The next checkpoint name for ``step`` (``x``, ``x#2``, ...), counting it as used.
+
+    Private ``_get_checkpoint_name`` (0.5.1): the SDK numbers repeated names only inside ``step``.
+    """
+    return ctx._get_checkpoint_name(step)
+
+
+def recorded_checkpoints(ctx: AsyncTaskContext) -> dict[str, Any]:
+    """Checkpoints the run loaded at claim time plus those it wrote. Private ``_checkpoint_cache`` (0.5.1)."""
+    return ctx._checkpoint_cache
+
+
 def claim_timeout(ctx: AsyncTaskContext) -> int:
     """The lease length the task was claimed with. Private ``_claim_timeout`` (0.5.1): not exposed."""
     return int(ctx._claim_timeout)

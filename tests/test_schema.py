@@ -221,22 +221,93 @@ def test_reversing_refuses_by_default_and_drops_only_when_allowed(scratch_db: st
 # --------------------------------------------------------------------------- concurrent deploys
 
 
-def test_two_concurrent_migrates_provision_queues_once(scratch_db: str) -> None:
-    ok(manage(scratch_db, "migrate", "--noinput"))
-    with psycopg.connect(scratch_db, autocommit=True) as conn:
-        conn.execute("select absurd.drop_queue('agents')")
-        conn.execute("select absurd.drop_queue('other')")
-    assert queues_of(scratch_db) == []
+def start_migrate(url: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        manage_command(url, "migrate", "--noinput"),
+        env=manage_env(url),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
-    key = schema._PROVISION_LOCK_KEY
-    # Hold the provisioning lock so that both deploys are certainly inside post_migrate at the same
-    # time, then let them race for it.
+
+def wait_for_lock_waiters(url: str, processes: list[subprocess.Popen[str]], count: int) -> None:
+    """Poll until ``count`` sessions wait for ``schema.LOCK_KEY`` (a bigint advisory lock: classid is
+    its high half, objid its low half); fail at once if one of ``processes`` exits first."""
+    key = schema.LOCK_KEY
+    deadline = time.monotonic() + 120
+    while True:
+        waiting = fetch(
+            url,
+            "select count(*) from pg_locks where locktype = 'advisory' and not granted "
+            "and classid = %s and objid = %s and objsubid = 1",
+            [key >> 32, key & 0xFFFFFFFF],
+        )[0][0]
+        if waiting == count:
+            return
+        exited = [p for p in processes if p.poll() is not None]
+        assert not exited, "a process exited before reaching the lock:\n" + "".join(
+            out + err for p in exited for out, err in [p.communicate()]
+        )
+        assert time.monotonic() < deadline, f"{count} sessions never waited for the schema lock together"
+        time.sleep(0.05)
+
+
+def test_two_migrates_at_the_same_moment_on_a_fresh_database_both_succeed(scratch_db: str) -> None:
+    """Two deploys migrate an empty database at once: one applies everything, the other waits and
+    finds nothing left to do. Without the lock the second fails (``django_migrations`` or ``schema
+    "absurd"`` already exists). Holding the lock until both wait makes the race certain."""
+    with psycopg.connect(scratch_db, autocommit=True) as holder:
+        holder.execute("select pg_advisory_lock(%s)", [schema.LOCK_KEY])
+        deploys = [start_migrate(scratch_db) for _ in range(2)]
+        try:
+            wait_for_lock_waiters(scratch_db, deploys, 2)
+            # Neither got past the lock, not even to creating Django's own table: the race is certain.
+            assert fetch(scratch_db, "select to_regclass('django_migrations')") == [(None,)]
+        finally:
+            holder.execute("select pg_advisory_unlock(%s)", [schema.LOCK_KEY])
+            outputs = [p.communicate(timeout=180) for p in deploys]
+
+    for deploy, (out, err) in zip(deploys, outputs, strict=True):
+        assert deploy.returncode == 0, out + err
+    installs = [out for out, _ in outputs if "Applying absurd_agents.0001_absurd_schema... OK" in out]
+    assert len(installs) == 1, outputs
+    assert any("No migrations to apply" in out for out, _ in outputs), outputs
+    assert all("Waiting for another migrate on this database to finish" in out for out, _ in outputs), outputs
+    assert version_of(scratch_db) == schema.EXPECTED_VERSION
+    assert queues_of(scratch_db) == ["agents", "other"]
+    duplicates = fetch(scratch_db, "select app, name from django_migrations group by 1, 2 having count(*) > 1")
+    assert duplicates == []
+    assert applied(scratch_db) == [
+        "0001_absurd_schema",
+        "0002_task_permissions",
+        "0003_conversations",
+        "0004_absurd_overview",
+    ]
+
+
+INSTALL_IN_A_TRANSACTION = """
+import django
+django.setup()
+from django.db import connection, transaction
+from django_absurd_agents import schema
+with transaction.atomic():
+    print(schema.install_or_adopt(connection), flush=True)
+"""
+
+
+def test_concurrent_schema_installs_outside_the_migrate_command_install_once(scratch_db: str) -> None:
+    """What 0001 does, run by two processes at once without the command's lock (another app's
+    ``migrate`` listed first, a hand-driven executor): the second waits for the first's transaction,
+    then adopts what it installed instead of failing on ``schema "absurd" already exists``."""
+    env = {**manage_env(scratch_db), "DJANGO_SETTINGS_MODULE": "tests.settings"}
     with psycopg.connect(scratch_db) as holder:
-        holder.execute("select pg_advisory_xact_lock(%s)", [key])
-        deploys = [
+        holder.execute("select pg_advisory_xact_lock(%s)", [schema.LOCK_KEY])
+        installers = [
             subprocess.Popen(
-                manage_command(scratch_db, "migrate", "--noinput"),
-                env=manage_env(scratch_db),
+                [sys.executable, "-c", INSTALL_IN_A_TRANSACTION],
+                env=env,
                 cwd=REPO,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -245,22 +316,30 @@ def test_two_concurrent_migrates_provision_queues_once(scratch_db: str) -> None:
             for _ in range(2)
         ]
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                waiting = fetch(
-                    scratch_db,
-                    "select count(*) from pg_locks where locktype = 'advisory' and not granted "
-                    "and classid = %s and objid = %s",
-                    [key >> 32, key & 0xFFFFFFFF],
-                )[0][0]
-                if waiting == 2:
-                    break
-                exited = [p for p in deploys if p.poll() is not None]
-                assert not exited, "a migrate exited before reaching the lock:\n" + "".join(
-                    out + err for p in exited for out, err in [p.communicate()]
-                )
-                assert time.monotonic() < deadline, "the two migrates never both waited for the provisioning lock"
-                time.sleep(0.05)
+            wait_for_lock_waiters(scratch_db, installers, 2)
+        finally:
+            holder.commit()
+            outputs = [p.communicate(timeout=120) for p in installers]
+    for installer, (out, err) in zip(installers, outputs, strict=True):
+        assert installer.returncode == 0, out + err
+    assert sorted(out.strip() for out, _ in outputs) == ["adopted", "installed"]
+    assert version_of(scratch_db) == schema.EXPECTED_VERSION
+
+
+def test_two_concurrent_migrates_provision_queues_once(scratch_db: str) -> None:
+    ok(manage(scratch_db, "migrate", "--noinput"))
+    with psycopg.connect(scratch_db, autocommit=True) as conn:
+        conn.execute("select absurd.drop_queue('agents')")
+        conn.execute("select absurd.drop_queue('other')")
+    assert queues_of(scratch_db) == []
+
+    # Hold the schema lock (migrate and queue provisioning share it) so that both deploys certainly
+    # run at the same time, then let them race for it.
+    with psycopg.connect(scratch_db) as holder:
+        holder.execute("select pg_advisory_xact_lock(%s)", [schema.LOCK_KEY])
+        deploys = [start_migrate(scratch_db) for _ in range(2)]
+        try:
+            wait_for_lock_waiters(scratch_db, deploys, 2)
         finally:
             holder.commit()
         outputs = [p.communicate(timeout=120) for p in deploys]

@@ -84,7 +84,9 @@ def test_worker_logs_at_info_hold_no_params_or_results(
     # The secret went through the worker: into the agent's prompt, the task's result...
     done = result_of(completes)
     assert done.state == "completed" and done.result["n"] == secret
-    assert result_of(unknown).state == "failed"
+    # A task no worker knows is failed or put back for a later deploy, depending on the grace
+    # settings; either way it never runs here, and the log names it.
+    assert result_of(unknown).state in ("failed", "sleeping", "pending")
     # ...and the log says what happened to both tasks, by name and id only.
     assert f"task completed name=load_agent id={completes}" in output, output
     assert f"name=not_registered_anywhere id={unknown}" in output, output

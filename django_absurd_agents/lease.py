@@ -4,8 +4,9 @@ absurd-sdk moves a lease forward only when a checkpoint is written or ``ctx.hear
 so a single step longer than ``claim_timeout`` (a slow model call) would be claimed again by another
 worker and run twice. While a task executes, a companion coroutine extends the lease every third of
 ``claim_timeout``. When a renewal fails because the database connection broke (a restart, a
-failover), it is retried on a new connection for as long as the lease has not expired, so a short
-outage never hands the task to a second worker. A worker that is really gone stops extending, and
+failover), it is retried on a new connection for as long as the lease has not expired (and a little
+after: Absurd refuses the renewal once another worker has the task), so a short outage never hands
+the task to a second worker. A worker that is really gone stops extending, and
 its run is reclaimed within ``claim_timeout``. When the extension reports that the task was
 cancelled or failed elsewhere, the task's code is stopped at once instead of at its next checkpoint.
 """
@@ -41,7 +42,7 @@ def _lease_of(ctx: AsyncTaskContext, claim_timeout: int) -> Lease:
 
 
 async def renew(ctx: AsyncTaskContext, lease: Lease) -> None:
-    """Extend the lease once, retrying through reconnects until it would have expired."""
+    """Extend the lease once, retrying through reconnects (see ``reconnect.PAST_LEASE`` for how long)."""
     failures = 0
     while True:
         sent = time.monotonic()
@@ -52,7 +53,7 @@ async def renew(ctx: AsyncTaskContext, lease: Lease) -> None:
         except Exception as exc:
             failures += 1
             delay = min(1.0, 0.1 * 2 ** (failures - 1))
-            if not is_transient(exc) or lease.remaining() <= delay:
+            if not is_transient(exc) or lease.retry_window() <= delay:
                 raise
             await asyncio.sleep(delay)
             continue

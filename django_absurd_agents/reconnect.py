@@ -7,10 +7,13 @@ another worker would claim the task once the lease ran out and run its step in f
 
 ``TaskConnection`` stands in for that connection. Each statement goes to the executor's current
 connection, a new one is opened when the old one broke, and a statement that failed because the
-connection broke is sent again, until the lease runs out. Every statement absurd-sdk sends for a
-running task may be sent twice: checkpoints are upserts, a claim extension only moves a time
-forward, and completing or failing a run that is no longer running is refused by Absurd itself.
-Past the lease the error propagates, and the run is left to the worker that claims it next.
+connection broke is sent again, while the lease lasts and for ``PAST_LEASE`` seconds after it.
+Past the lease that is still safe, because Absurd decides: until another worker claims the task
+the run is still this worker's (a write even extends its lease), and once one has, Absurd refuses
+the old run's writes ("already failed"), which ends its execution as lost. Every statement
+absurd-sdk sends for a running task may be sent twice: checkpoints are upserts, a claim extension
+only moves a time forward, and completing or failing a run that is no longer running is refused.
+After that the error propagates, and the run is left to the worker that claims it next.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ logger = logging.getLogger("django_absurd_agents.worker")
 _TRANSIENT_STATES = {"57P01", "57P02", "57P03", "53300", "53400"}
 _RETRY_FIRST = 0.1
 _RETRY_CAP = 2.0
+PAST_LEASE = 30.0
+"""Seconds a write is still retried after this worker's estimate of its lease has run out."""
 
 
 # Connection failures no retry can heal: libpq reports them without a SQLSTATE, so by their text.
@@ -78,6 +83,10 @@ class Lease:
     def remaining(self) -> float:
         return self.expires_at - time.monotonic()
 
+    def retry_window(self) -> float:
+        """Seconds left to retry a write: the lease, then ``PAST_LEASE`` more (Absurd refuses it if the task moved)."""
+        return self.remaining() + PAST_LEASE
+
 
 class TaskConnection:
     """Quacks like the ``AsyncConnection`` absurd-sdk's task code uses: ``cursor()`` and ``execute()``."""
@@ -109,15 +118,16 @@ class TaskConnection:
                     raise
                 failures += 1
                 delay = min(_RETRY_CAP, _RETRY_FIRST * 2 ** (failures - 1))
-                if self.lease.remaining() <= delay:
+                if self.lease.retry_window() <= delay:
                     raise
                 if failures == 1:
                     logger.warning(
                         "Task %s: the database connection failed (%s); retrying on a new connection while its "
-                        "lease lasts (%.1fs).",
+                        "lease lasts (%.1fs) and up to %gs after.",
                         self.label,
                         str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
-                        self.lease.remaining(),
+                        max(self.lease.remaining(), 0),
+                        PAST_LEASE,
                     )
                 self.reconnects += 1
                 await asyncio.sleep(delay)

@@ -5,4 +5,4 @@ from django.db import migrations
 
 class Migration(migrations.Migration):
     dependencies = [("absurd_agents", "0006_event_log")]
-    operations: list[migrations.operations.base.Operation] = []
+    operations = []  # type: ignore[var-annotated]

@@ -8,42 +8,38 @@ has no signal handling, and ends on the first database error. This worker instea
 * serves several queues from one process, the slots shared between them;
 * stops claiming on SIGTERM/SIGINT and lets in-flight tasks finish within a grace period; a task
   still running after it is put back for another worker at once, and a second signal exits at once;
-* survives database restarts: it logs, backs off and reconnects, and a task whose outcome could not
-  be written is claimed again once its lease expires, so nothing is lost;
-* runs each task like Django runs an ASGI request: synchronous ORM work (``sync_to_async``, the async
-  ORM) gets a thread and a database connection of its own, closed when the task ends;
-* logs one line per task start and end, and writes a heartbeat file for orchestrators.
+* survives database restarts: its claims log, back off and reconnect, and running tasks write
+  through a connection that is reopened (``reconnect.py``), so nothing is lost or run twice;
+* runs each task like Django runs an ASGI request (``task_thread.py``) through ``execution.py``;
+* logs one line per task start and end (``worker_log.py``), and writes a heartbeat file for
+  orchestrators (``liveness.py``). Its configuration is ``worker_config.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import inspect
 import logging
 import os
 import random
 import signal
-import socket
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import psycopg
 from absurd_sdk import ClaimedTask
-from asgiref.sync import SyncToAsync, ThreadSensitiveContext, sync_to_async
-from django.db import connections
-from django.utils.module_loading import autodiscover_modules
-from pydantic_ai import Agent
 
-from django_absurd_agents import conf, sdk
+from django_absurd_agents import sdk
 from django_absurd_agents.client import ProjectAbsurd, absurd
 from django_absurd_agents.execution import execute_claimed
+from django_absurd_agents.liveness import heartbeat_age, write_heartbeat
 from django_absurd_agents.reconnect import is_misconfigured
+from django_absurd_agents.task_thread import on_task_thread
+from django_absurd_agents.worker_config import WorkerConfig, WorkerError, discover_tasks, misconfigured
+from django_absurd_agents.worker_log import log_banner, log_end, log_start, log_unrecorded, one_line
+
+__all__ = ["Worker", "WorkerConfig", "WorkerError", "discover_tasks", "heartbeat_age", "write_heartbeat"]
 
 logger = logging.getLogger("django_absurd_agents.worker")
 
@@ -56,160 +52,9 @@ _STUCK_CLAIM_SECONDS = 60.0
 _CANCEL_WAIT = 0.5
 
 
-MAX_CONCURRENCY = 10_000
-MAX_CLAIM_TIMEOUT = 86_400
-MAX_POLL_INTERVAL = 3_600.0
-
-
-class WorkerError(Exception):
-    """A configuration problem that keeps the worker from starting; the message names the fix."""
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """What a worker serves and how; ``from_settings`` fills the gaps from ``ABSURD_AGENTS``."""
-
-    queues: tuple[str, ...]
-    concurrency: int
-    claim_timeout: int
-    poll_interval: float
-    shutdown_grace: float
-    worker_id: str
-    burst: bool = False
-    max_tasks: int | None = None
-    heartbeat_file: str | None = None
-    connections: int = 0
-    """Database connections per queue for running tasks; 0 means one per 4 slots, at most 8."""
-
-    @classmethod
-    def from_settings(
-        cls,
-        *,
-        queues: Iterable[str] | None = None,
-        concurrency: int | None = None,
-        claim_timeout: int | None = None,
-        poll_interval: float | None = None,
-        shutdown_grace: float | None = None,
-        worker_id: str | None = None,
-        burst: bool = False,
-        max_tasks: int | None = None,
-        heartbeat_file: str | None = None,
-        connections: int | None = None,
-    ) -> WorkerConfig:
-        settings = conf.get()
-        config = cls(
-            queues=tuple(dict.fromkeys(queues or ())) or settings.all_queues,
-            concurrency=settings.concurrency if concurrency is None else concurrency,
-            claim_timeout=settings.claim_timeout if claim_timeout is None else claim_timeout,
-            poll_interval=settings.poll_interval if poll_interval is None else poll_interval,
-            shutdown_grace=settings.shutdown_grace if shutdown_grace is None else shutdown_grace,
-            worker_id=worker_id or f"{socket.gethostname()}:{os.getpid()}",
-            burst=burst,
-            max_tasks=max_tasks,
-            heartbeat_file=heartbeat_file or settings.heartbeat_file,
-            connections=connections or 0,
-        )
-        config.validate()
-        return config
-
-    def validate(self) -> None:
-        for queue in self.queues:
-            problem = conf.queue_name_error(queue)
-            if problem:
-                raise WorkerError(problem)
-        if not 1 <= self.concurrency <= MAX_CONCURRENCY:
-            raise WorkerError(f"Concurrency must be between 1 and {MAX_CONCURRENCY}, not {self.concurrency}.")
-        if self.claim_timeout < 1:
-            # Absurd treats 0 as "no lease at all": a crashed worker's tasks would never be resumed.
-            raise WorkerError(f"The claim timeout must be at least 1 second, not {self.claim_timeout}.")
-        if self.claim_timeout > MAX_CLAIM_TIMEOUT:
-            # A lease of years means a crashed worker's tasks are never resumed.
-            raise WorkerError(
-                f"The claim timeout must be at most {MAX_CLAIM_TIMEOUT} seconds (one day), not {self.claim_timeout}: "
-                "a crashed worker's tasks wait that long to be resumed; keep it a few times your longest step."
-            )
-        if not 0 < self.poll_interval <= MAX_POLL_INTERVAL:  # also refuses NaN
-            raise WorkerError(
-                f"The poll interval must be a number of seconds above 0 and at most {MAX_POLL_INTERVAL:g}, "
-                f"not {self.poll_interval}."
-            )
-        if not 0 <= self.shutdown_grace <= MAX_CLAIM_TIMEOUT:
-            raise WorkerError(
-                f"The shutdown grace period must be between 0 and {MAX_CLAIM_TIMEOUT} seconds, "
-                f"not {self.shutdown_grace}."
-            )
-        if self.max_tasks is not None and self.max_tasks < 1:
-            raise WorkerError(f"--max-tasks must be at least 1, not {self.max_tasks}.")
-        if self.connections < 0:
-            raise WorkerError(f"The number of connections cannot be negative ({self.connections}).")
-
-    @property
-    def execution_connections(self) -> int:
-        """Connections per queue that running tasks share (opened only as load needs them).
-
-        A task writes its checkpoints and outcome through one connection, and psycopg runs one
-        query at a time per connection, so a single connection caps a queue at a few hundred
-        short tasks a second whatever the concurrency (bench/bench_worker.py). Slow agent runs
-        need few; a small pool keeps short tasks from queueing behind each other's writes.
-        """
-        return self.connections or min(8, max(1, -(-self.concurrency // 4)))
-
-
-def discover_tasks(extra_modules: Iterable[str] | None = None) -> None:
-    """Import every installed app's ``tasks`` module and the modules in ``TASK_MODULES``.
-
-    Registration happens at import time (``@absurd.register_task``), so a worker that did not import
-    the module would claim the task and fail it as unknown.
-    """
-    autodiscover_modules("tasks")
-    modules = conf.get().task_modules if extra_modules is None else tuple(extra_modules)
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            raise WorkerError(
-                f"Cannot import {module!r} from ABSURD_AGENTS['TASK_MODULES']: {exc}. "
-                "Fix the dotted path or remove the entry."
-            ) from exc
-
-
 def is_connection_error(exc: BaseException) -> bool:
     """Errors after which the connection is gone and must be opened again."""
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError)
-
-
-def misconfigured(exc: BaseException) -> WorkerError:
-    alias = conf.get().database_alias
-    return WorkerError(
-        f"The database refused the worker's connection: {_one_line(exc)}. No retry can fix this: correct "
-        f"DATABASES[{alias!r}] (NAME, USER, PASSWORD, HOST) or DATABASE_URL, or ABSURD_AGENTS['DATABASE_ALIAS']."
-    )
-
-
-def _close_connections() -> None:
-    connections.close_all()
-
-
-# Recent asgiref lets a ThreadSensitiveContext run on an executor the caller owns; older ones start their own thread.
-_CONTEXT_TAKES_EXECUTOR = "executor" in inspect.signature(ThreadSensitiveContext.__init__).parameters
-
-
-class _TaskThread(ThreadPoolExecutor):
-    """The one thread a task's synchronous code runs on, started only if the task has any.
-
-    Django's ``sync_to_async`` (and so the async ORM) and pydantic-ai's sync tools and callbacks
-    all run here, so a task uses one Django connection of its own, like a request under ASGI, and
-    the worker closes it when the task ends. Left to themselves, sync tools would run on anyio's
-    shared threads, whose connections stay open, go stale across a database restart, and add up.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(max_workers=1, thread_name_prefix="absurd-task")
-        self.used = False
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        self.used = True
-        return super().submit(fn, *args, **kwargs)
 
 
 @dataclass
@@ -226,7 +71,7 @@ class _Queue:
         """The least busy execution client; among equals one already connected, so idle ones stay closed."""
 
         def load(index: int) -> tuple[int, bool]:
-            return self.running.get(index, 0), self.executors[index]._conn is None
+            return self.running.get(index, 0), not self.executors[index].connected
 
         return min(range(len(self.executors)), key=load)
 
@@ -237,6 +82,10 @@ class _Execution:
     task: ClaimedTask
     claimed_at: float
     started: float = field(default_factory=time.monotonic)
+
+    @property
+    def duration(self) -> float:
+        return time.monotonic() - self.started
 
 
 class Worker:
@@ -259,8 +108,6 @@ class Worker:
         self._background: set[asyncio.Task[None]] = set()
         self._cut_off = 0
 
-    # --- slots ------------------------------------------------------------------------------------
-
     def _free_slots(self) -> int:
         free = self.config.concurrency - len(self._executions) - self._reserved
         if self.config.max_tasks is not None:
@@ -269,8 +116,6 @@ class Worker:
 
     def _exhausted(self) -> bool:
         return self.config.max_tasks is not None and self._claimed >= self.config.max_tasks
-
-    # --- stopping ---------------------------------------------------------------------------------
 
     def request_stop(self, reason: str) -> None:
         """Stop claiming; in-flight tasks finish (within the grace period when a signal asked)."""
@@ -314,8 +159,6 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop_event.wait(), seconds)
 
-    # --- the main loop ----------------------------------------------------------------------------
-
     async def run(self, *, handle_signals: bool = True) -> int:
         self._changed = asyncio.Condition()
         self._stop_event = asyncio.Event()
@@ -329,7 +172,7 @@ class Worker:
         try:
             if not await self._wait_for_database():
                 return 0
-            self._log_banner()
+            log_banner(self.config, sdk.registry(self.app))
             heartbeat = asyncio.create_task(self._heartbeat_loop())
             claimers = [asyncio.create_task(self._claim_loop(queue)) for queue in self._queues]
             await asyncio.gather(*claimers)
@@ -386,7 +229,7 @@ class Worker:
                     raise
                 failures += 1
                 delay = self._backoff(failures)
-                logger.warning("Database unreachable (%s); retrying in %.1fs.", _one_line(exc), delay)
+                logger.warning("Database unreachable (%s); retrying in %.1fs.", one_line(exc), delay)
                 with contextlib.suppress(Exception):
                     await client.close()
                 await self._pause(delay)
@@ -399,40 +242,6 @@ class Worker:
                 )
             return True
         return False
-
-    def _log_banner(self) -> None:
-        registry = sdk.registry(self.app)
-        served = set(self.config.queues)
-        by_queue: dict[str, list[str]] = {q: [] for q in self.config.queues}
-        elsewhere: list[str] = []
-        for name, registration in sorted(registry.items()):
-            if registration["queue"] in served:
-                by_queue[registration["queue"]].append(name)
-            else:
-                elsewhere.append(f"{name} ({registration['queue']})")
-        tasks = "; ".join(f"{q}: {', '.join(names) or '(none)'}" for q, names in by_queue.items())
-        logger.info(
-            "Worker %s serving queue(s) %s with %d slot(s) (up to %d database connections per queue), "
-            "claim timeout %ds, poll every %gs%s. Tasks: %s.",
-            self.config.worker_id,
-            ", ".join(self.config.queues),
-            self.config.concurrency,
-            self.config.execution_connections + 1,
-            self.config.claim_timeout,
-            self.config.poll_interval,
-            ", burst mode" if self.config.burst else "",
-            tasks,
-        )
-        if elsewhere:
-            logger.info("Registered for queues this worker does not serve: %s.", ", ".join(elsewhere))
-        for queue, names in by_queue.items():
-            if not names:
-                logger.warning(
-                    "No task is registered for queue %r in this process: every task claimed from it will fail as "
-                    "unknown. Register tasks in an installed app's tasks.py or list their modules in "
-                    "ABSURD_AGENTS['TASK_MODULES'].",
-                    queue,
-                )
 
     @staticmethod
     def _backoff(failures: int) -> float:
@@ -491,7 +300,7 @@ class Worker:
             logger.warning(
                 "Queue %s: cannot claim, the database connection failed (%s); reconnecting in %.1fs.",
                 queue.name,
-                _one_line(exc),
+                one_line(exc),
                 delay,
             )
             with contextlib.suppress(Exception):
@@ -500,8 +309,6 @@ class Worker:
             logger.error("Queue %s: claiming failed; retrying in %.1fs.", queue.name, delay, exc_info=exc)
         await self._pause(delay)
 
-    # --- executing tasks --------------------------------------------------------------------------
-
     def _start(self, queue: _Queue, task: ClaimedTask, claimed_at: float) -> None:
         execution = _Execution(queue=queue, task=task, claimed_at=claimed_at)
         runner = asyncio.create_task(self._execute(execution), name=f"absurd task {task['task_id']}")
@@ -509,95 +316,25 @@ class Worker:
 
     async def _execute(self, execution: _Execution) -> None:
         task, queue = execution.task, execution.queue
-        logger.info(
-            "task %s name=%s id=%s queue=%s attempt=%s",
-            "retry" if task["attempt"] > 1 else "start",
-            task["task_name"],
-            task["task_id"],
-            queue.name,
-            _attempt(task),
-            extra=_extra(task, queue.name, "started"),
-        )
+        log_start(task, queue.name)
         index = queue.pick_executor()
         queue.running[index] = queue.running.get(index, 0) + 1
         client = queue.executors[index]
-        thread = _TaskThread()
         try:
-            context = ThreadSensitiveContext(executor=thread) if _CONTEXT_TAKES_EXECUTOR else ThreadSensitiveContext()
-            async with context as thread_context:
-                try:
-                    with Agent.using_thread_executor(thread):
-                        ended = await execute_claimed(
-                            client, task, self.config.claim_timeout, claimed_at=execution.claimed_at
-                        )
-                finally:
-                    # The task's thread ends with it, so its connections are closed whatever
-                    # CONN_MAX_AGE says.
-                    if thread.used:
-                        await asyncio.get_running_loop().run_in_executor(thread, _close_connections)
-                    if not _CONTEXT_TAKES_EXECUTOR and thread_context in SyncToAsync.context_to_thread_executor:
-                        await sync_to_async(_close_connections)()
+            ended = await on_task_thread(
+                lambda: execute_claimed(client, task, self.config.claim_timeout, claimed_at=execution.claimed_at)
+            )
         except asyncio.CancelledError:
-            self._log_end(execution, "abandoned", None)
+            log_end(task, queue.name, "abandoned", None, execution.duration)
             raise
         except Exception as exc:
-            level = logging.WARNING if is_connection_error(exc) else logging.ERROR
-            logger.log(
-                level,
-                "task unrecorded name=%s id=%s queue=%s attempt=%s duration=%.3fs: the database failed while it "
-                "ran (%s); it runs again once its lease expires (at most %ds).",
-                task["task_name"],
-                task["task_id"],
-                queue.name,
-                _attempt(task),
-                time.monotonic() - execution.started,
-                _one_line(exc),
-                self.config.claim_timeout,
-                exc_info=None if is_connection_error(exc) else exc,
-                extra=_extra(task, queue.name, "unrecorded"),
-            )
+            log_unrecorded(task, queue.name, exc, execution.duration, self.config.claim_timeout)
         else:
-            self._log_end(execution, ended.outcome, ended.error)
+            log_end(task, queue.name, ended.outcome, ended.error, execution.duration)
         finally:
-            thread.shutdown(wait=False)
             queue.running[index] -= 1
             self._executions.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             await self._notify()
-
-    def _log_end(self, execution: _Execution, outcome: str, error: BaseException | None) -> None:
-        task, queue = execution.task, execution.queue.name
-        duration = time.monotonic() - execution.started
-        args: tuple[Any, ...] = (task["task_name"], task["task_id"], queue, _attempt(task), duration)
-        extra = _extra(task, queue, outcome, duration)
-        common = "name=%s id=%s queue=%s attempt=%s duration=%.3fs"
-        if outcome == "completed":
-            logger.info("task completed " + common, *args, extra=extra)
-        elif outcome == "failed":
-            max_attempts = task.get("max_attempts")
-            if max_attempts is None or task["attempt"] < max_attempts:
-                logger.warning("task failed " + common + ", will be retried: %s", *args, _one_line(error), extra=extra)
-            else:
-                logger.error(
-                    "task failed " + common + ", no attempts left: %s",
-                    *args,
-                    _one_line(error),
-                    exc_info=error,
-                    extra=extra,
-                )
-        elif outcome in ("unknown", "handed back"):
-            pass  # execution.py logged why the run went back to the queue, and when it runs again
-        elif outcome == "misrouted":
-            logger.error("task failed " + common + ": %s", *args, _one_line(error), extra=extra)
-        elif outcome == "suspended":
-            logger.info("task suspended " + common + " (sleeping or waiting for an event)", *args, extra=extra)
-        elif outcome == "cancelled":
-            logger.info("task cancelled " + common, *args, extra=extra)
-        elif outcome == "lost":
-            logger.warning(
-                "task lost " + common + ": its run was failed elsewhere (lease expired?)", *args, extra=extra
-            )
-        else:
-            logger.warning("task %s " + common, outcome, *args, extra=extra)
 
     async def _drain(self) -> None:
         """Wait for in-flight tasks; past the grace deadline, cancel them and put their runs back."""
@@ -654,10 +391,8 @@ class Worker:
             logger.warning(
                 "Could not hand task %s back (%s); another worker resumes it when its lease expires.",
                 execution.task["task_id"],
-                _one_line(exc),
+                one_line(exc),
             )
-
-    # --- health -----------------------------------------------------------------------------------
 
     def healthy(self) -> bool:
         """False when a claim query hangs: the connection is dead in a way the driver cannot see."""
@@ -693,47 +428,3 @@ def exit_now(code: int) -> None:
         with contextlib.suppress(Exception):
             handler.flush()
     os._exit(code)
-
-
-def write_heartbeat(path: str) -> None:
-    """Replace the file atomically with the current Unix time, so a probe never reads half a line."""
-    target = Path(path)
-    scratch = target.with_name(f".{target.name}.{os.getpid()}")
-    scratch.write_text(f"{time.time():.3f}\n")
-    os.replace(scratch, target)
-
-
-def heartbeat_age(path: str) -> float | None:
-    """Seconds since the worker last wrote ``path``, or None when there is no readable heartbeat."""
-    try:
-        return time.time() - float(Path(path).read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _attempt(task: ClaimedTask) -> str:
-    max_attempts = task.get("max_attempts")
-    return f"{task['attempt']}/{max_attempts}" if max_attempts else str(task["attempt"])
-
-
-def _extra(task: ClaimedTask, queue: str, outcome: str, duration: float | None = None) -> dict[str, Any]:
-    """Structured fields for log handlers that want them (never params or results)."""
-    return {
-        "absurd_task": {
-            "name": task["task_name"],
-            "id": str(task["task_id"]),
-            "run_id": str(task["run_id"]),
-            "queue": queue,
-            "attempt": task["attempt"],
-            "max_attempts": task.get("max_attempts"),
-            "outcome": outcome,
-            "duration": duration,
-        }
-    }
-
-
-def _one_line(exc: BaseException | None) -> str:
-    if exc is None:
-        return "no error recorded"
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -302,7 +302,7 @@ def test_table_names_quote_whatever_the_catalog_holds() -> None:
 
 def test_the_worker_log_fields_hold_no_params() -> None:
     """The worker's structured log fields carry ids, names and outcomes only."""
-    from django_absurd_agents.worker import _extra
+    from django_absurd_agents.worker_log import extra as _extra
 
     task: Any = {
         "task_name": "t",

@@ -161,6 +161,11 @@ class ProjectAbsurd(AsyncAbsurd):
             return None
         return self._conns.get(loop)
 
+    @property
+    def connected(self) -> bool:
+        """Whether this event loop already has a connection of this client (a pool prefers those)."""
+        return self._conn is not None
+
     async def _ensure_connected(self) -> None:
         await self.live_connection()
 

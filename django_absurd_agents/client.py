@@ -102,7 +102,11 @@ def _spawn_result(row: Any) -> SpawnedTask:
     return {"task_id": str(row[0]), "run_id": str(row[1]), "attempt": row[2], "created": bool(row[3])}
 
 
-_SPAWN_SQL = "select task_id, run_id, attempt, created from absurd.spawn_task(%s, %s, %s::jsonb, %s::jsonb)"
+# The NOTIFY rides in the spawning statement: delivered on commit, never for a rolled-back spawn (wakeup.py).
+_SPAWN_SQL = (
+    "select s.task_id, s.run_id, s.attempt, s.created, pg_notify('absurd_agents_spawned', %s) "  # wakeup.CHANNEL
+    "from absurd.spawn_task(%s, %s, %s::jsonb, %s::jsonb) s"
+)
 _RESULT_SQL = "select state, result, failure_reason from absurd.get_task_result(%s, %s)"
 
 
@@ -293,7 +297,7 @@ class ProjectAbsurd(AsyncAbsurd):
         await self._ensure_connected()
         assert self._conn is not None
         try:
-            cursor = await self._conn.execute(_SPAWN_SQL, args)
+            cursor = await self._conn.execute(_SPAWN_SQL, (args[0], *args))
         except psycopg.errors.UndefinedTable as exc:
             raise validation.unknown_queue(args[0]) from exc
         return _spawn_result(await cursor.fetchone())
@@ -322,7 +326,7 @@ class ProjectAbsurd(AsyncAbsurd):
         )
         with django_connection().cursor() as cursor:
             try:
-                cursor.execute(_SPAWN_SQL, args)
+                cursor.execute(_SPAWN_SQL, (args[0], *args))
             except DatabaseError as exc:
                 if _is_missing_queue(exc):
                     raise validation.unknown_queue(args[0]) from exc

@@ -40,6 +40,8 @@ DEFAULTS: dict[str, Any] = {
     # Times a run is handed back, without using an attempt, because its own database connection failed
     # (a restart, "too many clients") before such an error fails the attempt like any other.
     "MAX_CONNECTION_HANDBACKS": 20,
+    # A libpq URL of a direct (not pooled) connection, for the worker's LISTEN session behind PgBouncer.
+    "DIRECT_DATABASE_URL": None,
     # ``migrate absurd_agents zero`` drops the schema (and every task in it) only when this is True.
     "ALLOW_SCHEMA_DROP": False,
 }
@@ -89,6 +91,7 @@ class AgentsSettings:
     heartbeat_file: str | None
     unknown_task_grace: float
     max_connection_handbacks: int
+    direct_database_url: str | None
     allow_schema_drop: bool
 
     @property
@@ -140,5 +143,6 @@ def _build() -> AgentsSettings:
         heartbeat_file=merged["HEARTBEAT_FILE"],
         unknown_task_grace=float(merged["UNKNOWN_TASK_GRACE"]),
         max_connection_handbacks=int(merged["MAX_CONNECTION_HANDBACKS"]),
+        direct_database_url=merged["DIRECT_DATABASE_URL"] or None,
         allow_schema_drop=bool(merged["ALLOW_SCHEMA_DROP"]),
     )

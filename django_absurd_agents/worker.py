@@ -36,6 +36,7 @@ from django_absurd_agents.execution import execute_claimed
 from django_absurd_agents.liveness import heartbeat_age, write_heartbeat
 from django_absurd_agents.reconnect import is_misconfigured
 from django_absurd_agents.task_thread import on_task_thread
+from django_absurd_agents.wakeup import listen_for_spawns
 from django_absurd_agents.worker_config import WorkerConfig, WorkerError, discover_tasks, misconfigured
 from django_absurd_agents.worker_log import log_banner, log_end, log_start, log_unrecorded, one_line
 
@@ -66,6 +67,8 @@ class _Queue:
     failures: int = 0
     claiming_since: float | None = None
     idle_generation: int = -1
+    spawned: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when a spawn on this queue is notified (wakeup.py): the idle claimer claims at once."""
 
     def pick_executor(self) -> int:
         """The least busy execution client; among equals one already connected, so idle ones stay closed."""
@@ -169,11 +172,14 @@ class Worker:
                 loop.add_signal_handler(signum, self._on_signal, signum)
         self._queues = [self._make_queue(name) for name in self.config.queues]
         heartbeat: asyncio.Task[None] | None = None
+        listener: asyncio.Task[None] | None = None
         try:
             if not await self._wait_for_database():
                 return 0
             log_banner(self.config, sdk.registry(self.app))
             heartbeat = asyncio.create_task(self._heartbeat_loop())
+            by_name = {queue.name: queue for queue in self._queues}
+            listener = asyncio.create_task(listen_for_spawns(self.config.queues, lambda q: by_name[q].spawned.set()))
             claimers = [asyncio.create_task(self._claim_loop(queue)) for queue in self._queues]
             await asyncio.gather(*claimers)
             if self._exhausted() and not self._stopping:
@@ -182,10 +188,11 @@ class Worker:
             logger.info("Worker %s stopped after %d task(s).", self.config.worker_id, self._claimed)
             return 0
         finally:
-            if heartbeat is not None:
-                heartbeat.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await heartbeat
+            for background in (heartbeat, listener):
+                if background is not None:
+                    background.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await background
             self._remove_heartbeat()
             for queue in self._queues:
                 for client in (queue.claimer, *queue.executors):
@@ -261,6 +268,7 @@ class Worker:
             tasks: list[ClaimedTask] = []
             error: Exception | None = None
             queue.claiming_since = claim_sent = time.monotonic()
+            queue.spawned.clear()  # a spawn notified from now on wakes the next idle wait
             try:
                 tasks = await queue.claimer.claim_tasks(
                     batch_size=wanted, claim_timeout=self.config.claim_timeout, worker_id=self.config.worker_id
@@ -289,7 +297,17 @@ class Worker:
                     if all(q.idle_generation == generation for q in self._queues):
                         self.request_stop("burst mode: every queue is drained")
                         return
-                await self._pause(self.config.poll_interval)
+                await self._idle(queue)
+
+    async def _idle(self, queue: _Queue) -> None:
+        """Wait for the next poll, a spawn on this queue, or a stop, whichever comes first."""
+        assert self._stop_event is not None
+        waiters = [asyncio.ensure_future(self._stop_event.wait()), asyncio.ensure_future(queue.spawned.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=self.config.poll_interval, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
 
     async def _claim_failed(self, queue: _Queue, exc: Exception) -> None:
         if is_misconfigured(exc):

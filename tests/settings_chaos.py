@@ -12,4 +12,4 @@ INSTALLED_APPS = ["django.contrib.contenttypes", "django.contrib.auth", "django_
 MIDDLEWARE = []
 ROOT_URLCONF = "tests.settings_chaos"
 urlpatterns: list[object] = []  # no admin here, so none of the test suite's URLs
-ABSURD_AGENTS = {**ABSURD_AGENTS, "QUEUES": ["agents"], "TASK_MODULES": ["tests.chaos_tasks"]}
+ABSURD_AGENTS = {**ABSURD_AGENTS, "QUEUES": ["agents"], "TASK_MODULES": ["tests.chaos_tasks", "tests.worker_tasks"]}

@@ -676,3 +676,33 @@ async def test_work_batch_uses_the_claim_timeout_setting(project_absurd: Any) ->
     await project_absurd.work_batch()
     snapshot = await project_absurd.fetch_task_result(task_id)
     assert snapshot.state == "completed" and snapshot.result == 30  # CLAIM_TIMEOUT of tests.settings, not 120
+
+
+def test_a_committed_spawn_notifies_idle_workers_and_a_rolled_back_one_does_not(clean_queues: None) -> None:
+    from django.db import transaction
+
+    from django_absurd_agents.wakeup import CHANNEL
+    from tests.conftest import database_url
+
+    with psycopg.connect(database_url(), autocommit=True) as listener:
+        listener.execute(f"LISTEN {CHANNEL}")
+        with pytest.raises(RuntimeError), transaction.atomic():
+            absurd.spawn_sync("worker_noop", {})
+            raise RuntimeError("roll the spawn back")
+        assert list(listener.notifies(timeout=0.5, stop_after=1)) == []
+        with transaction.atomic():
+            absurd.spawn_sync("worker_noop", {}, queue="agents")
+            assert list(listener.notifies(timeout=0.5, stop_after=1)) == []  # not before the commit
+        [notification] = list(listener.notifies(timeout=5, stop_after=1))
+        assert notification.payload == "agents"
+
+
+@pytest.mark.slow
+def test_an_idle_worker_claims_a_spawn_at_once_not_at_its_next_poll(
+    env: dict[str, str], start_worker: Callable[..., WorkerProcess]
+) -> None:
+    worker = start_worker("--queue", "agents", "--poll-interval", "600")
+    worker.wait_for_log("serving queue(s) agents")
+    [task_id] = spawn("worker_record")
+    # With a 10-minute poll interval only the notification can wake the worker within the deadline.
+    wait_until(lambda: all_in_state([task_id], "completed"), "the spawned task to run", timeout=30)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import json
 import uuid
 import weakref
@@ -36,6 +37,7 @@ from absurd_sdk import (
     SpawnResult,
     TaskResultSnapshot,
 )
+from asgiref.sync import async_to_sync
 from django.db import DatabaseError, connections
 from psycopg import AsyncConnection
 
@@ -267,6 +269,16 @@ class ProjectAbsurd(AsyncAbsurd):
         )
         return queue_name, task_name, params_json, options_json
 
+    def _before_spawn(
+        self, task_name: str, params: Any, options: dict[str, Any]
+    ) -> dict[str, Any] | Awaitable[dict[str, Any]]:
+        """The options after the user's ``before_spawn`` hook, which ``spawn`` and ``spawn_sync`` both apply."""
+        before_spawn = self._hooks.get("before_spawn")
+        given = {k: v for k, v in options.items() if v is not None}
+        if before_spawn is None:
+            return given
+        return cast("dict[str, Any] | Awaitable[dict[str, Any]]", before_spawn(task_name, params, given))  # type: ignore[arg-type]
+
     async def spawn(  # type: ignore[override]
         self,
         task_name: str,
@@ -287,13 +299,10 @@ class ProjectAbsurd(AsyncAbsurd):
             "cancellation": cancellation,
             "idempotency_key": idempotency_key,
         }
-        before_spawn = self._hooks.get("before_spawn")
-        if before_spawn is not None:
-            changed = before_spawn(task_name, params, {k: v for k, v in options.items() if v is not None})  # type: ignore[arg-type]
-            if asyncio.iscoroutine(changed):
-                changed = await changed
-            options = {**dict.fromkeys(options), **cast(dict[str, Any], changed)}
-        args = self._prepare(task_name, params, **options)
+        changed = self._before_spawn(task_name, params, options)
+        if inspect.isawaitable(changed):
+            changed = await changed
+        args = self._prepare(task_name, params, **{**dict.fromkeys(options), **changed})
         await self._ensure_connected()
         assert self._conn is not None
         try:
@@ -314,16 +323,23 @@ class ProjectAbsurd(AsyncAbsurd):
         idempotency_key: str | None = None,
     ) -> SpawnedTask:
         """Enqueue a task on Django's connection: inside ``transaction.atomic()`` it commits or rolls back with it."""
-        args = self._prepare(
-            task_name,
-            params,
-            max_attempts=max_attempts,
-            retry_strategy=retry_strategy,
-            headers=headers,
-            queue=queue,
-            cancellation=cancellation,
-            idempotency_key=idempotency_key,
-        )
+        options: dict[str, Any] = {
+            "max_attempts": max_attempts,
+            "retry_strategy": retry_strategy,
+            "headers": headers,
+            "queue": queue,
+            "cancellation": cancellation,
+            "idempotency_key": idempotency_key,
+        }
+        changed = self._before_spawn(task_name, params, options)
+        if inspect.isawaitable(changed):  # an async hook, from sync code
+            pending = changed
+
+            async def hook() -> dict[str, Any]:
+                return await pending
+
+            changed = async_to_sync(hook)()
+        args = self._prepare(task_name, params, **{**dict.fromkeys(options), **changed})
         with django_connection().cursor() as cursor:
             try:
                 cursor.execute(_SPAWN_SQL, (args[0], *args))

@@ -110,3 +110,35 @@ def test_default_retry_strategy_is_exponential(clean_queues: None) -> None:
 
 async def _async(value: Any) -> Any:
     return value
+
+
+def headers_of(task_id: str) -> Any:
+    with connection.cursor() as cursor:
+        cursor.execute("select headers from absurd.t_agents where task_id = %s", [task_id])
+        value = cursor.fetchone()[0]
+    return json.loads(value) if isinstance(value, str) else value
+
+
+@pytest.mark.django_db(transaction=True)
+def test_spawn_and_spawn_sync_both_apply_the_before_spawn_hook(clean_queues: None) -> None:
+    """One hook, two spellings of spawn: a sync and an async hook change the options of both."""
+    import asyncio
+
+    def stamp(task_name: str, params: Any, options: dict[str, Any]) -> dict[str, Any]:
+        return {**options, "headers": {"tenant": "acme", "task": task_name}}
+
+    async def stamp_async(task_name: str, params: Any, options: dict[str, Any]) -> dict[str, Any]:
+        return stamp(task_name, params, options)
+
+    for hook in (stamp, stamp_async):
+        client = ProjectAbsurd(hooks={"before_spawn": hook})
+        synced = client.spawn_sync("analyse", {"q": 1})["task_id"]
+
+        async def spawn_async(client: ProjectAbsurd = client) -> str:
+            try:
+                return (await client.spawn("analyse", {"q": 2}))["task_id"]
+            finally:
+                await client.close()
+
+        awaited = asyncio.run(spawn_async())
+        assert headers_of(synced) == headers_of(awaited) == {"tenant": "acme", "task": "analyse"}

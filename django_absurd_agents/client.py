@@ -533,9 +533,13 @@ def django_connection() -> Any:
 
 
 def connection_params() -> dict[str, Any]:
-    """libpq parameters of the configured Django database, for the client's own connections."""
+    """libpq parameters of the configured Django database, for the client's own connections.
+
+    ``prepare_threshold`` is kept as Django sets it (``None`` unless ``OPTIONS`` says otherwise): no
+    prepared statements, so the client works behind PgBouncer in transaction pooling like Django does.
+    """
     params = dict(django_connection().get_connection_params())
-    for key in ("cursor_factory", "context", "prepare_threshold", "server_side_binding", "pool"):
+    for key in ("cursor_factory", "context", "server_side_binding", "pool"):
         params.pop(key, None)
     return params
 

@@ -41,7 +41,7 @@ test-django52: install
 	@test -f $(VENV52)/.installed || ( $(PYTHON) -m venv $(VENV52) && \
 		$(VENV52)/bin/python -m pip install --quiet --upgrade pip && \
 		grep -viE '^(django|django-stubs|django-stubs-ext)==' requirements-dev.txt > $(VENV52)/requirements.txt && \
-		$(VENV52)/bin/python -m pip install --quiet -r $(VENV52)/requirements.txt "django>=5.2,<5.3" && \
+		$(VENV52)/bin/python -m pip install --quiet -r $(VENV52)/requirements.txt "django>=5.2,<5.3" "django-tasks==0.12.0" && \
 		$(VENV52)/bin/python -m pip install --quiet --no-deps -e . && \
 		$(VENV52)/bin/python -m pip install --quiet --no-deps --target $(VENV52)/absurdctl-0.5.0 absurdctl==0.5.0 && \
 		touch $(VENV52)/.installed )

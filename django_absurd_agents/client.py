@@ -45,6 +45,7 @@ from django_absurd_agents import conf, jsonsafe, validation
 from django_absurd_agents.execution import execute_claimed
 from django_absurd_agents.jsonsafe import InvalidParams as InvalidParams  # re-exported: its old home
 from django_absurd_agents.lease import keep_lease
+from django_absurd_agents.registry import TaskRegistry
 from django_absurd_agents.task_context import check_context
 from django_absurd_agents.validation import TaskNotFound as TaskNotFound  # re-exported
 from django_absurd_agents.validation import UnknownQueue as UnknownQueue  # re-exported: its old home
@@ -120,7 +121,7 @@ class ProjectAbsurd(AsyncAbsurd):
         # constructor, which fixes the queue and opens a connection, is not called.
         self._user_hooks: AbsurdHooks = hooks or {}
         self._hooks = {**self._user_hooks, "wrap_task_execution": self.wrap_task_execution}
-        self._registry: dict[str, dict[str, Any]] = {}
+        self._registry: dict[str, dict[str, Any]] = TaskRegistry()  # type: ignore[assignment]
         self._worker_running = False
         self._owned_conn = True
         self._conn_string = None
@@ -155,7 +156,9 @@ class ProjectAbsurd(AsyncAbsurd):
     def for_queue(self, queue_name: str) -> ProjectAbsurd:
         """A client claiming from ``queue_name`` that shares this one's registry and hooks."""
         clone = ProjectAbsurd(hooks=self._user_hooks)
-        clone._registry = self._registry
+        # A view of the same registrations that resolves @task functions for this queue (registry.py).
+        store = self._registry.data if isinstance(self._registry, TaskRegistry) else self._registry
+        clone._registry = TaskRegistry(store, queue_name)  # type: ignore[assignment]
         clone._queue_override = queue_name
         return clone
 

@@ -122,14 +122,22 @@ def discover_tasks(extra_modules: Iterable[str] | None = None) -> None:
     Registration happens at import time (``@absurd.register_task``), so a worker that did not import
     the module would claim the task and fail it as unknown.
     """
-    autodiscover_modules("tasks")
+    from django_absurd_agents.extras import missing_provider
+    from django_absurd_agents.registry import load_resolvers
+
+    try:
+        autodiscover_modules("tasks")
+    except ImportError as exc:
+        raise WorkerError(missing_provider(exc, "Importing the apps' tasks modules") or str(exc)) from exc
+    load_resolvers()  # @task functions of the django.tasks backend run here too (backends.py)
     modules = conf.get().task_modules if extra_modules is None else tuple(extra_modules)
     for module in modules:
         try:
             importlib.import_module(module)
         except ImportError as exc:
             raise WorkerError(
-                f"Cannot import {module!r} from ABSURD_AGENTS['TASK_MODULES']: {exc}. "
+                missing_provider(exc, f"Importing {module!r} from ABSURD_AGENTS['TASK_MODULES']")
+                or f"Cannot import {module!r} from ABSURD_AGENTS['TASK_MODULES']: {exc}. "
                 "Fix the dotted path or remove the entry."
             ) from exc
 

@@ -27,14 +27,12 @@ def worker_env(transactional_db: Any) -> dict[str, str]:
 
 
 @pytest.fixture
-def clean_queues(transactional_db: Any) -> Iterator[None]:
-    """Empty every queue table, for tests that commit through the client's own connection."""
-    yield
-    with connection.cursor() as cursor:
-        cursor.execute("select queue_name from absurd.queues")
-        for (queue,) in cursor.fetchall():
-            for prefix in ("t", "r", "c", "e", "w"):
-                cursor.execute(f'truncate absurd."{prefix}_{queue}"')
+def clean_queues(transactional_db: Any) -> None:
+    """For tests that commit through the client's own connection: a transactional database.
+
+    Absurd's tables are emptied after the test by the shipped pytest plugin
+    (``django_absurd_agents.pytest_plugin``, ``testing.clean_queues``), as after every transactional test.
+    """
 
 
 @pytest.fixture

@@ -44,4 +44,6 @@ TEMPLATES = [
 ]
 DATABASES = {"default": database_config(name="absurd_agents_tests")}
 ABSURD_AGENTS = {"QUEUES": ["agents", "other"], "CLAIM_TIMEOUT": 30}
+# django.tasks (Django 6) or the django-tasks backport (Django 5.2): @task functions become Absurd tasks.
+TASKS = {"default": {"BACKEND": "django_absurd_agents.backends.AbsurdTaskBackend"}}
 STATIC_URL = "/static/"

@@ -1,0 +1,420 @@
+"""A ``django.tasks`` backend: ``@task`` functions become Absurd tasks run by ``manage.py absurd_worker``.
+
+.. code-block:: python
+
+    TASKS = {"default": {"BACKEND": "django_absurd_agents.backends.AbsurdTaskBackend"}}
+
+* ``.enqueue()`` spawns an Absurd task named by the function's import path (``reports.tasks.send``)
+  on Django's own connection, like ``absurd.spawn_sync``: inside ``transaction.atomic()`` the task
+  exists exactly when the transaction commits. ``.aenqueue()`` is Django's ``sync_to_async(enqueue)``.
+* Django's queue ``"default"`` is ``ABSURD_AGENTS``' default queue (unless a queue is literally named
+  ``default``); any other queue name is an Absurd queue of ``ABSURD_AGENTS['QUEUES']``.
+* ``run_after`` makes the spawned run available from that time (Absurd 0.5.1's ``spawn_task`` takes no
+  start time, so the new run's ``available_at`` is moved in the same transaction).
+* ``priority`` is refused: Absurd claims tasks in the order they become available.
+* A worker claiming such a task imports the function by that path (``registry.py``) and runs it: async
+  functions on the worker's event loop, sync ones through ``sync_to_async`` on the task's thread, with
+  Django's ``task_started`` / ``task_finished`` signals around it. A failure is retried like any
+  Absurd task (``OPTIONS['MAX_ATTEMPTS']``, ``OPTIONS['RETRY_STRATEGY']``).
+* ``takes_context=True`` passes an :class:`AbsurdTaskContext`: Django's ``TaskContext`` whose
+  ``attempt`` is Absurd's, plus ``step()`` / ``absurd`` (the Absurd task context) so a ``@task``
+  checkpoints its own steps and runs durable agents.
+
+On Django 5.2 the same backend serves the ``django-tasks`` backport (``django_tasks``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from absurd_sdk import AsyncTaskContext, CancelledTask, FailedTask, SuspendTask
+from asgiref.sync import async_to_sync, sync_to_async
+from django.core import checks
+from django.db import transaction
+from django.utils import timezone
+from django.utils.module_loading import import_string
+from psycopg import sql
+
+from django_absurd_agents import conf, sdk, validation
+from django_absurd_agents.client import absurd, django_connection, load_json
+from django_absurd_agents.registry import RESOLVERS, Registration
+from django_absurd_agents.task_context import check_context
+
+try:  # Django >= 6.0
+    from django.tasks import DEFAULT_TASK_QUEUE_NAME, task_backends
+    from django.tasks.backends.base import BaseTaskBackend
+    from django.tasks.base import DEFAULT_TASK_PRIORITY, Task, TaskContext, TaskError, TaskResult, TaskResultStatus
+    from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
+    from django.tasks.signals import task_enqueued, task_finished, task_started
+    from django.utils.json import normalize_json
+except ImportError:  # Django 5.2 with the django-tasks backport
+    from django_tasks import DEFAULT_TASK_QUEUE_NAME, task_backends  # type: ignore[no-redef,assignment]
+    from django_tasks.backends.base import BaseTaskBackend  # type: ignore[no-redef,assignment]
+    from django_tasks.base import (  # type: ignore[no-redef,assignment]
+        DEFAULT_TASK_PRIORITY,
+        Task,
+        TaskContext,
+        TaskError,
+        TaskResult,
+        TaskResultStatus,
+    )
+    from django_tasks.exceptions import InvalidTaskError as InvalidTask  # type: ignore[no-redef,assignment]
+    from django_tasks.exceptions import TaskResultDoesNotExist  # type: ignore[no-redef,assignment]
+    from django_tasks.signals import task_enqueued, task_finished, task_started  # type: ignore[no-redef]
+    from django_tasks.utils import normalize_json  # type: ignore[no-redef]
+
+logger = logging.getLogger("django_absurd_agents.worker")
+
+__all__ = ["AbsurdTaskBackend", "AbsurdTaskContext", "InvalidTask", "TaskResultDoesNotExist"]
+
+BACKEND_HEADER = "django_tasks_backend"
+"""Spawn header naming the ``TASKS`` alias a task was enqueued through."""
+
+OPTION_KEYS = frozenset({"MAX_ATTEMPTS", "RETRY_STRATEGY"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AbsurdTaskContext(TaskContext):  # type: ignore[misc]
+    """What a ``takes_context=True`` task gets: Django's ``TaskContext`` plus Absurd's step API.
+
+    ``attempt`` is Absurd's attempt number (1 on the first run, 2 on the first retry, ...).
+    ``absurd`` is the Absurd task context (``step``, ``sleep_for``, ``await_event``, ``emit_event``,
+    ``heartbeat``); an ``AbsurdAgent`` run inside an async task checkpoints its model and tool calls
+    in this task without it being passed anywhere.
+    """
+
+    absurd: AsyncTaskContext
+
+    @property
+    def attempt(self) -> int:
+        return int(sdk.claimed_task(self.absurd)["attempt"])
+
+    @property
+    def task_id(self) -> str:
+        return str(self.absurd.task_id)
+
+    async def step(self, name: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+        """Run ``fn`` once, as a checkpointed step: a retry returns the recorded value instead."""
+        return await self.absurd.step(name, fn)
+
+    def step_sync(self, name: str, fn: Callable[[], Any]) -> Any:
+        """``step`` for a sync task: ``fn`` is a plain function, run on the task's thread."""
+        return async_to_sync(self.absurd.step)(name, sync_to_async(fn))
+
+
+def absurd_queue(django_queue: str) -> str:
+    """The Absurd queue a ``django.tasks`` queue name stands for."""
+    settings = conf.get()
+    if django_queue == DEFAULT_TASK_QUEUE_NAME and django_queue not in settings.all_queues:
+        return settings.default_queue
+    return django_queue
+
+
+class AbsurdTaskBackend(BaseTaskBackend):
+    """``TASKS`` backend spawning Absurd tasks; ``QUEUES`` defaults to every queue of ``ABSURD_AGENTS``."""
+
+    supports_defer = True
+    supports_async_task = True
+    supports_get_result = True
+    supports_priority = False
+
+    def __init__(self, alias: str, params: dict[str, Any]) -> None:
+        super().__init__(alias, params)
+        if "QUEUES" not in params:
+            self.queues = set()  # any queue of ABSURD_AGENTS, checked at enqueue (settings may change)
+        self.max_attempts: int | None = self.options.get("MAX_ATTEMPTS")
+        self.retry_strategy: dict[str, Any] | None = self.options.get("RETRY_STRATEGY")
+
+    def validate_task(self, task: Any) -> None:
+        if task.priority != DEFAULT_TASK_PRIORITY:
+            raise InvalidTask(
+                "AbsurdTaskBackend does not support priority: Absurd claims tasks in the order they become "
+                "available. Give urgent tasks a queue of their own (queue_name=...) served by its own workers."
+            )
+        super().validate_task(task)
+        queue = absurd_queue(task.queue_name)
+        known = conf.get().all_queues
+        if queue not in known:
+            raise InvalidTask(
+                f"Queue {task.queue_name!r} is not an Absurd queue: add it to ABSURD_AGENTS['QUEUES'] and run "
+                f"`manage.py migrate` (known queues: {', '.join(known)})."
+            )
+
+    def enqueue(self, task: Any, args: Any, kwargs: Any) -> Any:
+        self.validate_task(task)
+        result: Any = TaskResult(
+            task=task,
+            id="",
+            status=TaskResultStatus.READY,
+            enqueued_at=None,
+            started_at=None,
+            finished_at=None,
+            last_attempted_at=None,
+            args=list(args),  # Django checks these are JSON values (TypeError otherwise) before anything is written
+            kwargs=dict(kwargs),
+            backend=self.alias,
+            errors=[],
+            worker_ids=[],
+        )
+        queue = absurd_queue(task.queue_name)
+        spawn = {
+            "task_name": task.module_path,
+            "params": {"args": result.args, "kwargs": result.kwargs},
+            "queue": queue,
+            "max_attempts": self.max_attempts,
+            "retry_strategy": self.retry_strategy,
+            "headers": {BACKEND_HEADER: self.alias},
+        }
+        if task.run_after is None:
+            spawned = absurd.spawn_sync(**spawn)
+        else:
+            with transaction.atomic(using=conf.get().database_alias):
+                spawned = absurd.spawn_sync(**spawn)
+                with django_connection().cursor() as cursor:
+                    cursor.execute(_defer_statement(queue), [task.run_after, spawned["run_id"]])
+        object.__setattr__(result, "id", spawned["task_id"])
+        object.__setattr__(result, "enqueued_at", timezone.now())
+        task_enqueued.send(type(self), task_result=result)
+        return result
+
+    def get_result(self, result_id: str) -> Any:
+        try:
+            task_id = validation.task_uuid(result_id)
+        except ValueError:
+            raise TaskResultDoesNotExist(result_id) from None
+        with django_connection().cursor() as cursor:
+            cursor.execute(validation.CATALOG_SQL)
+            catalogued = {row[0] for row in cursor.fetchall()}
+            queues = [q for q in self._absurd_queues() if q in catalogued]
+            if not queues:
+                raise TaskResultDoesNotExist(result_id)
+            cursor.execute(_result_statement(queues, task_id).as_string(None))
+            row = cursor.fetchone()
+        if row is None:
+            raise TaskResultDoesNotExist(result_id)
+        return self._result(str(task_id), row)
+
+    def _absurd_queues(self) -> list[str]:
+        if self.queues:
+            return list(dict.fromkeys(absurd_queue(q) for q in sorted(self.queues)))
+        return list(conf.get().all_queues)
+
+    def _result(self, result_id: str, row: tuple[Any, ...]) -> Any:
+        queue, name, params, state, enqueued, first_started, payload, cancelled = row[:8]
+        run_started, completed, failed, worker_ids, failures = row[8:]
+        task = import_task(name)
+        if task is None:
+            raise TaskResultDoesNotExist(f"{result_id}: task {name!r} is not a django.tasks task that imports here.")
+        if absurd_queue(task.queue_name) != queue or task.backend != self.alias:
+            task = task.using(queue_name=queue, backend=self.alias)
+        params = load_json(params) or {}
+        result: Any = TaskResult(
+            task=task,
+            id=result_id,
+            status=_status(state, run_started),
+            enqueued_at=enqueued,
+            started_at=first_started,
+            finished_at=(completed or failed or cancelled) if state in ("completed", "failed", "cancelled") else None,
+            last_attempted_at=run_started,
+            args=params.get("args", []),
+            kwargs=params.get("kwargs", {}),
+            backend=self.alias,
+            errors=[task_error(reason) for reason in load_json(failures) or []],
+            worker_ids=list(worker_ids or []),
+        )
+        if state == "completed":
+            object.__setattr__(result, "_return_value", load_json(payload))
+        return result
+
+    def check(self, **kwargs: Any) -> list[Any]:
+        messages: list[checks.CheckMessage] = []
+        for key in sorted(set(self.options) - OPTION_KEYS):
+            messages.append(
+                checks.Error(
+                    f"Unknown key {key!r} in TASKS[{self.alias!r}]['OPTIONS'].",
+                    hint=f"Valid keys: {', '.join(sorted(OPTION_KEYS))}.",
+                    id="absurd_agents.E020",
+                )
+            )
+        known = conf.get().all_queues
+        for queue in sorted(self.queues):
+            if absurd_queue(queue) not in known:
+                messages.append(
+                    checks.Error(
+                        f"TASKS[{self.alias!r}]['QUEUES'] names {queue!r}, which is not an Absurd queue.",
+                        hint=f"Add it to ABSURD_AGENTS['QUEUES'] and run `manage.py migrate` "
+                        f"(known: {', '.join(known)}).",
+                        id="absurd_agents.E021",
+                    )
+                )
+        return messages
+
+
+def _status(state: str, run_started: datetime | None) -> Any:
+    if state == "completed":
+        return TaskResultStatus.SUCCESSFUL
+    if state in ("failed", "cancelled"):
+        return TaskResultStatus.FAILED
+    if state == "running" or (state == "sleeping" and run_started is not None):
+        return TaskResultStatus.RUNNING  # a sleeping run that started is suspended mid-task (a sleep, an event)
+    return TaskResultStatus.READY  # pending, or waiting for a retry
+
+
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*)(?::|$)")
+
+
+def task_error(reason: Any) -> Any:
+    """Django's ``TaskError`` for an Absurd failure record (``name``, ``message``, ``traceback``)."""
+    reason = reason if isinstance(reason, dict) else {"message": str(reason)}
+    name = str(reason.get("name") or "Exception")
+    trace = reason.get("traceback") or f"{name}: {reason.get('message', '')}"
+    path = f"builtins.{name}"
+    # absurd-sdk records the class name only; the traceback's last exception line has the full path.
+    for line in str(trace).splitlines():
+        match = _EXCEPTION_LINE.match(line)
+        if match and (match.group(1) == name or match.group(1).endswith("." + name)):
+            path = match.group(1) if "." in match.group(1) else f"builtins.{name}"
+    return TaskError(exception_class_path=path, traceback=str(trace))
+
+
+def _defer_statement(queue: str) -> str:
+    """Make a freshly spawned (pending) run available from ``%s`` only."""
+    return (
+        sql.SQL("update {runs} set available_at = greatest(available_at, %s) where run_id = %s and state = 'pending'")
+        .format(runs=sql.Identifier("absurd", f"r_{queue}"))
+        .as_string(None)
+    )
+
+
+def _result_statement(queues: list[str], task_id: Any) -> sql.Composed:
+    parts = []
+    for queue in queues:
+        tasks, runs = sql.Identifier("absurd", f"t_{queue}"), sql.Identifier("absurd", f"r_{queue}")
+        parts.append(
+            sql.SQL(
+                "select {queue}::text, t.task_name, t.params, t.state, t.enqueue_at, t.first_started_at, "
+                "t.completed_payload, t.cancelled_at, r.started_at, r.completed_at, r.failed_at, "
+                "(select array_agg(x.claimed_by order by x.attempt) from {runs} x "
+                "  where x.task_id = t.task_id and x.claimed_by is not null), "
+                "(select jsonb_agg(x.failure_reason order by x.attempt) from {runs} x "
+                "  where x.task_id = t.task_id and x.failure_reason is not null) "
+                "from {tasks} t left join {runs} r on r.run_id = t.last_attempt_run where t.task_id = {task_id}"
+            ).format(queue=sql.Literal(queue), tasks=tasks, runs=runs, task_id=sql.Literal(task_id))
+        )
+    return sql.SQL(" union all ").join(parts)
+
+
+# --- the worker side -------------------------------------------------------------------------------
+
+_tasks: dict[str, Any] = {}
+_warned: set[str] = set()
+
+
+def import_task(name: str) -> Any:
+    """The ``@task`` whose import path is ``name``, or None when there is none (logged once)."""
+    task = _tasks.get(name)
+    if task is not None:
+        return task
+    try:
+        found = import_string(name)
+    except ImportError as exc:
+        found, problem = None, f"cannot import it ({exc})"
+    else:
+        problem = f"it is a {type(found).__name__}, not a @task"
+    if not isinstance(found, Task):
+        if name not in _warned:
+            _warned.add(name)
+            logger.warning("Task %r is not a django.tasks @task in this worker: %s.", name, problem)
+        return None
+    _tasks[name] = found
+    return found
+
+
+def _resolve(name: str, queue: str) -> Registration | None:
+    """A registration running the ``@task`` at ``name`` for ``queue`` (``registry.RESOLVERS``)."""
+    if "." not in name or import_task(name) is None:
+        return None
+    return {
+        "name": name,
+        "queue": queue,
+        "default_max_attempts": None,
+        "default_cancellation": None,
+        "handler": run_django_task,
+    }
+
+
+RESOLVERS.append(_resolve)
+
+_HISTORY = (
+    "select t.enqueue_at, t.first_started_at, "
+    "(select array_agg(r.claimed_by order by r.attempt) from {runs} r "
+    " where r.task_id = t.task_id and r.claimed_by is not null) "
+    "from {tasks} t where t.task_id = %s"
+)
+
+
+async def run_django_task(params: Any, ctx: AsyncTaskContext) -> Any:
+    """The Absurd handler of every ``@task``: run the function named by the task, with Django's signals."""
+    ctx = check_context(ctx)
+    claimed = sdk.claimed_task(ctx)
+    task = import_task(claimed["task_name"])
+    alias = str((claimed.get("headers") or {}).get(BACKEND_HEADER) or task.backend)
+    queue = sdk.queue_name(ctx)
+    cursor = await sdk.task_connection(ctx).execute(
+        sql.SQL(_HISTORY).format(
+            runs=sql.Identifier("absurd", f"r_{queue}"), tasks=sql.Identifier("absurd", f"t_{queue}")
+        ),
+        (ctx.task_id,),
+    )
+    enqueued, first_started, worker_ids = await cursor.fetchone() or (None, None, None)
+    params = params if isinstance(params, dict) else {}
+    args, kwargs = params.get("args", []), params.get("kwargs", {})
+    sender = type(task_backends[alias]) if alias in task_backends.settings else AbsurdTaskBackend
+    result: Any = TaskResult(
+        task=task,
+        id=str(ctx.task_id),
+        status=TaskResultStatus.RUNNING,
+        enqueued_at=enqueued,
+        started_at=first_started,
+        finished_at=None,
+        last_attempted_at=timezone.now(),
+        args=args,
+        kwargs=kwargs,
+        backend=alias,
+        errors=[],
+        worker_ids=list(worker_ids or []),
+    )
+    await task_started.asend(sender, task_result=result)
+    try:
+        if task.takes_context:
+            value = await task.acall(AbsurdTaskContext(task_result=result, absurd=ctx), *args, **kwargs)
+        else:
+            value = await task.acall(*args, **kwargs)
+        value = normalize_json(value)
+    except (SuspendTask, CancelledTask, FailedTask):
+        raise  # a durable sleep or wait, or a run no longer ours: not the task's failure
+    except Exception as exc:
+        object.__setattr__(result, "status", TaskResultStatus.FAILED)
+        object.__setattr__(result, "finished_at", timezone.now())
+        result.errors.append(TaskError(exception_class_path=_class_path(type(exc)), traceback=_traceback(exc)))
+        await task_finished.asend(sender, task_result=result)
+        raise
+    object.__setattr__(result, "status", TaskResultStatus.SUCCESSFUL)
+    object.__setattr__(result, "finished_at", timezone.now())
+    object.__setattr__(result, "_return_value", value)
+    await task_finished.asend(sender, task_result=result)
+    return value
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _traceback(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))

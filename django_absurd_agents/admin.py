@@ -48,7 +48,7 @@ class AbsurdTaskAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     def get_urls(self) -> list[URLPattern]:  # type: ignore[override]
         prefix = "absurd_agents_absurdtask"
-        task = "<str:queue>/<uuid:task_id>"
+        task = "<path:queue>/<uuid:task_id>"  # path: Absurd accepts "/" in queue names
         return [
             path("", self._wrap(admin_views.task_list), name=f"{prefix}_changelist"),
             path("overview/", self._wrap(admin_views.overview), name=f"{prefix}_overview"),

@@ -9,8 +9,6 @@ middleware) acts, writes an entry to Django's admin log and redirects.
 
 from __future__ import annotations
 
-import datetime
-import json
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -23,12 +21,11 @@ from django.db import DatabaseError, transaction
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
-from django.utils import timezone
-from django.utils.dateparse import parse_date, parse_datetime
 from django.utils.http import urlencode
 
-from django_absurd_agents import conf, queries, steps
+from django_absurd_agents import admin_filters, conf, queries, sdk, steps
 from django_absurd_agents.client import absurd, django_connection
+from django_absurd_agents.management.commands import _ops
 from django_absurd_agents.models import AbsurdTask
 
 if TYPE_CHECKING:
@@ -40,13 +37,6 @@ CANCEL_PERM = "absurd_agents.cancel_absurdtask"
 EMIT_PERM = "absurd_agents.emit_absurdevent"
 
 TEMPLATE_DIR = "admin/absurd_agents"
-
-CREATED_PRESETS: dict[str, tuple[str, datetime.timedelta | None]] = {
-    "hour": ("Past hour", datetime.timedelta(hours=1)),
-    "today": ("Today", None),
-    "7d": ("Past 7 days", datetime.timedelta(days=7)),
-    "30d": ("Past 30 days", datetime.timedelta(days=30)),
-}
 
 
 def user_can(request: HttpRequest, *perms: str) -> bool:
@@ -85,87 +75,57 @@ def task_url(model_admin: AbsurdTaskAdmin, queue: str, task_id: str, action: str
 # --- task list ----------------------------------------------------------------------------------
 
 
-def _parse_moment(value: str | None, *, end_of_day: bool = False) -> datetime.datetime | None:
-    """A date or datetime from the query string, aware in the current time zone; None if unreadable."""
-    if not value:
-        return None
-    moment = parse_datetime(value)
-    if moment is None:
-        day = parse_date(value)
-        if day is None:
-            return None
-        moment = datetime.datetime.combine(day + datetime.timedelta(days=1 if end_of_day else 0), datetime.time())
-    if timezone.is_naive(moment):
-        moment = timezone.make_aware(moment)
-    return moment
-
-
-def _created_range(request: HttpRequest) -> tuple[datetime.datetime | None, datetime.datetime | None]:
-    preset = request.GET.get("created")
-    if preset in CREATED_PRESETS:
-        now = timezone.now()
-        delta = CREATED_PRESETS[preset][1]
-        if delta is None:
-            local = timezone.localtime(now)
-            return local.replace(hour=0, minute=0, second=0, microsecond=0), None
-        return now - delta, None
-    return (
-        _parse_moment(request.GET.get("created_since")),
-        _parse_moment(request.GET.get("created_until"), end_of_day=True),
-    )
-
-
-def _querystring(request: HttpRequest, **changes: str | None) -> str:
-    """The current query string with ``changes`` applied; any change drops the page cursors."""
-    params: dict[str, str] = {key: str(value) for key, value in request.GET.items() if key not in {"after", "before"}}
-    for key, value in changes.items():
-        if value is None:
-            params.pop(key, None)
-        else:
-            params[key] = value
-    if "created" in changes:
-        params.pop("created_since", None)
-        params.pop("created_until", None)
-    return "?" + urlencode(params) if params else "?"
-
-
-def _filter_group(
-    request: HttpRequest, title: str, key: str, choices: list[tuple[str, str]], *, clear: tuple[str, ...] = ()
-) -> dict[str, Any]:
-    current = request.GET.get(key) or None
-    links = [{"label": "All", "url": _querystring(request, **{key: None}), "selected": current is None}]
-    for value, label in choices:
-        links.append({"label": label, "url": _querystring(request, **{key: value}), "selected": current == value})
-    return {"title": title, "links": links}
+def _warn_about_queues_without_tables(request: HttpRequest, catalog: list[tuple[str, bool]]) -> None:
+    for name, has_tables in catalog:
+        if not has_tables:
+            messages.warning(
+                request,
+                f"Queue {name!r} is listed in absurd.queues but its tables are missing, so it is left out. "
+                f"Create them with absurd.create_queue({name!r}), or delete its row from absurd.queues.",
+            )
 
 
 def task_list(model_admin: AbsurdTaskAdmin, request: HttpRequest) -> HttpResponse:
     require(request, VIEW_PERM)
-    queues = queries.list_queues()
+    catalog = queries.queue_catalog()
+    _warn_about_queues_without_tables(request, catalog)
+    queues = [name for name, has_tables in catalog if has_tables]
     queue = request.GET.get("queue") or None
     state = request.GET.get("state") or None
     if state is not None and state not in queries.STATES:
         state = None
     task_name = request.GET.get("task_name") or None
     search = (request.GET.get("q") or "").strip() or None
-    since, until = _created_range(request)
+    created = admin_filters.created_range(request)
+    unmatchable = admin_filters.unmatchable_filters(search=search, task_name=task_name)
+    for problem in [*created.problems, *unmatchable]:
+        messages.warning(request, problem)
     filters = queries.TaskFilters(
-        queue=queue, state=state, task_name=task_name, created_since=since, created_before=until, search=search
+        queue=queue,
+        state=state,
+        task_name=task_name,
+        created_since=created.since,
+        created_before=created.until,
+        search=search,
     )
     missing_queue = queue is not None and queue not in queues
     after = queries.parse_uuid(request.GET.get("after"))
     before = queries.parse_uuid(request.GET.get("before"))
-    page = queries.task_page(filters, after=after, before=before, per_page=model_admin.list_per_page)
+    if unmatchable:  # PostgreSQL would refuse the text; no task could match it anyway
+        page = queries.TaskPage(rows=[], has_next=False, has_previous=False, total=0, queues=queues)
+    else:
+        page = queries.task_page(filters, after=after, before=before, per_page=model_admin.list_per_page)
     settings = conf.get()
-    known_names = [*absurd._registry, *settings.task_routes]
+    known_names = [*sdk.registry(absurd), *settings.task_routes]
     names = queries.task_names([queue] if queue and not missing_queue else None, known=known_names)
     if task_name and task_name not in names:
         names.append(task_name)
+    group, qs = admin_filters.filter_group, admin_filters.querystring
     filter_groups = [
-        _filter_group(request, "By queue", "queue", [(q, q) for q in queues]),
-        _filter_group(request, "By state", "state", [(s, s) for s in queries.STATES]),
-        _filter_group(request, "By task name", "task_name", [(n, n) for n in names]),
-        _filter_group(request, "By created", "created", [(k, v[0]) for k, v in CREATED_PRESETS.items()]),
+        group(request, "By queue", "queue", [(q, q) for q in queues]),
+        group(request, "By state", "state", [(s, s) for s in queries.STATES]),
+        group(request, "By task name", "task_name", [(n, n) for n in names]),
+        group(request, "By created", "created", [(k, v[0]) for k, v in admin_filters.CREATED_PRESETS.items()]),
     ]
     context = {
         **_base_context(model_admin, request, "Absurd tasks"),
@@ -196,9 +156,9 @@ def task_list(model_admin: AbsurdTaskAdmin, request: HttpRequest) -> HttpRespons
             for key, value in request.GET.items()
             if key not in {"after", "before", "created", "created_since", "created_until"}
         ],
-        "next_url": _querystring(request, after=page.next_cursor) if page.next_cursor else None,
-        "previous_url": _querystring(request, before=page.previous_cursor) if page.previous_cursor else None,
-        "first_url": _querystring(request) if page.has_previous else None,
+        "next_url": qs(request, after=page.next_cursor) if page.next_cursor else None,
+        "previous_url": qs(request, before=page.previous_cursor) if page.previous_cursor else None,
+        "first_url": qs(request) if page.has_previous else None,
         "has_filters": filters.narrows_rows or queue is not None,
         "clear_url": "?",
     }
@@ -276,6 +236,7 @@ def log_entry_redirect(model_admin: AbsurdTaskAdmin, request: HttpRequest, objec
 
 def overview(model_admin: AbsurdTaskAdmin, request: HttpRequest) -> HttpResponse:
     require(request, VIEW_PERM)
+    _warn_about_queues_without_tables(request, queries.queue_catalog())
     list_url = reverse(f"{model_admin.admin_site.name}:absurd_agents_absurdtask_changelist")
     items = []
     for item in queries.overview():
@@ -365,7 +326,9 @@ class EmitForm(forms.Form):
     def clean_payload(self) -> Any:
         text = self.cleaned_data["payload"]
         try:
-            return json.loads(text)
+            return _ops.loads_storable_json(text)
+        except _ops.UnstorableJSON as exc:
+            raise forms.ValidationError(f"This JSON cannot be stored: {exc}") from exc
         except ValueError as exc:
             raise forms.ValidationError(f"This is not JSON: {exc}.") from exc
 
@@ -520,6 +483,8 @@ def emit(
                 absurd.emit_event_sync(name, payload, queue_name=event_queue)
         except DatabaseError as exc:
             form.add_error(None, f"Absurd refused the event: {_db_error(exc)}")
+        except ValueError as exc:  # the client's own checks (params limits, queue names), before any SQL
+            form.add_error(None, f"The event was refused: {exc}")
         else:
             if before is not None and before.emitted:
                 note = "it had been emitted before, so this emit was ignored (the first emit wins)"

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.db import ProgrammingError, transaction
+from psycopg import sql as pgsql
 
 from django_absurd_agents.client import django_connection, load_json
 
@@ -45,14 +46,14 @@ _UNDEFINED_TABLE = "42P01"
 _RETRIES_ON_DROPPED_QUEUE = 3
 
 
-def quote_ident(name: str) -> str:
-    """``name`` as a quoted SQL identifier, safe to put into a statement run with ``%s`` parameters."""
-    return '"' + name.replace('"', '""').replace("%", "%%") + '"'
-
-
 def table(prefix: str, queue: str) -> str:
-    """The qualified name of one of a queue's tables, e.g. ``absurd."t_agents"``."""
-    return "absurd." + quote_ident(f"{prefix}_{queue}")
+    """The qualified name of one of a queue's tables, e.g. ``"absurd"."t_agents"``.
+
+    Quoted by psycopg's ``sql.Identifier``, so any name Absurd catalogues (quotes, ``%``, spaces) is
+    safe. A ``%`` is doubled: every statement of this module runs with a parameter list (``[]`` when
+    it has no parameter), so psycopg turns ``%%`` back into ``%`` every time.
+    """
+    return pgsql.Identifier("absurd", f"{prefix}_{queue}").as_string(None).replace("%", "%%")
 
 
 def _cursor() -> Any:
@@ -63,14 +64,31 @@ def _alias() -> str:
     return str(django_connection().alias)
 
 
-def list_queues() -> list[str]:
-    """Queues in the database right now (empty when Absurd's schema is not installed)."""
+QUEUE_CATALOG_SQL = (
+    "select q.queue_name, (select count(*) from pg_catalog.pg_class c "
+    "where c.relnamespace = 'absurd'::regnamespace and c.relname::text = any(array["
+    "'t_' || q.queue_name, 'r_' || q.queue_name, 'c_' || q.queue_name, 'e_' || q.queue_name, 'w_' || q.queue_name"
+    "])) = 5 as has_tables from absurd.queues q order by q.queue_name"
+)
+"""Every catalogued queue, and whether its five tables exist (a row inserted into ``absurd.queues``
+by hand, or left behind by a failed tool, has none)."""
+
+
+def queue_catalog() -> list[tuple[str, bool]]:
+    """``(queue, has_tables)`` for every row of ``absurd.queues`` (empty without Absurd's schema)."""
     with _cursor() as cursor:
-        cursor.execute("select to_regclass('absurd.queues') is not null")
+        cursor.execute("select to_regclass('absurd.queues') is not null as installed", [])
         if not cursor.fetchone()[0]:
             return []
-        cursor.execute("select queue_name from absurd.queues order by queue_name")
-        return [row[0] for row in cursor.fetchall()]
+        cursor.execute(QUEUE_CATALOG_SQL, [])
+        columns = [column.name for column in cursor.description]
+        rows = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+    return [(row["queue_name"], bool(row["has_tables"])) for row in rows]
+
+
+def list_queues() -> list[str]:
+    """Queues in the database right now, with their tables (a catalogued queue without tables is left out)."""
+    return [queue for queue, has_tables in queue_catalog() if has_tables]
 
 
 def queue_exists(queue: str) -> bool:
@@ -360,7 +378,7 @@ def task_names(queues: Sequence[str] | None = None, *, known: Iterable[str] = ()
         with _cursor() as cursor:
             if small:
                 sql = " union ".join(f"(select distinct task_name from {table('t', q)})" for q in small)
-                cursor.execute(sql)
+                cursor.execute(sql, [])
                 names.update(row[0] for row in cursor.fetchall())
             if large:
                 cursor.execute(
@@ -698,7 +716,7 @@ def overview() -> list[QueueOverview]:
         if not queues:
             return []
         with _cursor() as cursor:
-            cursor.execute("select now()")
+            cursor.execute("select now()", [])
             now = cursor.fetchone()[0]
             by_queue = {
                 q: QueueOverview(

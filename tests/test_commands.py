@@ -7,15 +7,20 @@ commands read and change them through Django's connection, as on a production bo
 from __future__ import annotations
 
 import json
+import re
 from io import StringIO
 from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
 from django.core.management import CommandError, call_command
-from django.db import connection
+from django.db import connection, transaction
+from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 
+from django_absurd_agents import absurd
 from tests import worker_tasks  # noqa: F401  (registers the handlers)
+from tests.test_bad_input_admin import UNSTORABLE_PAYLOADS
 
 
 def run(*args: Any, **options: Any) -> str:
@@ -160,3 +165,118 @@ async def test_cleanup_deletes_finished_tasks_past_the_ttl_in_rounds(project_abs
         assert "Nothing to clean up." in await arun("absurd_cleanup", "--queue", "agents")
     finally:
         await asql("update absurd.queues set cleanup_ttl = interval '30 days', cleanup_limit = 1000")
+
+
+# --- bad input: refused before any SQL (issue 12, items 10, 12, 14, 15) -----------------------------
+
+SOME_ID = "01900000-0000-7000-8000-000000000000"
+
+
+def refused_before_sql(match: str, *args: Any, **options: Any) -> None:
+    """The command raises CommandError matching ``match`` without sending any SQL, inside a caller's
+    transaction that stays usable afterwards."""
+    with transaction.atomic():
+        with CaptureQueriesContext(connection) as seen, pytest.raises(CommandError, match=match):
+            run(*args, **options)
+        assert seen.captured_queries == []
+        assert sql("select 1 as alive") == [(1,)]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["absurd_cleanup"],
+        ["absurd_tasks"],
+        ["absurd_tasks", "--queue", "agents"],
+        ["absurd_cancel", SOME_ID],
+        ["absurd_retry", SOME_ID],
+        ["absurd_task", SOME_ID],
+        ["absurd_emit", "evt"],
+        ["absurd_worker", "--burst"],
+    ],
+)
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_an_empty_queue_is_an_error_not_every_queue_or_the_default(db: Any, command: list[str], empty: str) -> None:
+    refused_before_sql("--queue needs a queue name", *command, "--queue", empty)
+
+
+def test_an_empty_queue_passed_as_a_keyword_is_refused_too(db: Any) -> None:
+    refused_before_sql("--queue needs a queue name", "absurd_cleanup", queue="")
+    refused_before_sql("--queue needs a queue name", "absurd_cancel", SOME_ID, queue="")
+    refused_before_sql("--queue needs a queue name", "absurd_worker", queues=[""], burst=True)
+
+
+@pytest.mark.parametrize("command", ["absurd_cancel", "absurd_retry", "absurd_task"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "42",
+        "not-a-uuid",
+        "01900000-0000-7000-8000-00000000000",  # one digit short
+        "+1900000-0000-7000-8000-000000000000",  # uuid.UUID reads it through int(): not a UUID all the same
+        "01900000_0000_7000_8000_000000000000"[:31] + "_0",
+        "'; drop table absurd.queues; --",
+        "0190\x00000-0000-7000-8000-000000000000",
+        "",
+    ],
+)
+def test_a_malformed_task_id_is_refused_naming_it_before_any_sql(db: Any, command: str, bad: str) -> None:
+    refused_before_sql(re.escape(f"{bad!r} is not a task id"), command, bad)
+
+
+@pytest.mark.parametrize(("payload", "fix"), UNSTORABLE_PAYLOADS)
+def test_absurd_emit_refuses_json_postgres_cannot_store(db: Any, payload: str, fix: str) -> None:
+    refused_before_sql("--payload cannot be stored: .*" + re.escape(fix), "absurd_emit", "evt", "--payload", payload)
+
+
+@pytest.mark.parametrize(
+    ("name", "fix"),
+    [("evt\x00", "NUL character"), ("evt\udcff", "lone surrogate (\\udcff)"), ("  ", "cannot be empty")],
+)
+def test_absurd_emit_refuses_an_event_name_postgres_cannot_store(db: Any, name: str, fix: str) -> None:
+    """``\\udcff`` is what Python makes of an invalid UTF-8 byte on the command line (surrogateescape)."""
+    refused_before_sql(re.escape(fix), "absurd_emit", name)
+
+
+def test_absurd_tasks_refuses_a_task_name_postgres_cannot_store(db: Any) -> None:
+    refused_before_sql(re.escape("--name: the text contains a NUL character"), "absurd_tasks", "--name", "a\x00b")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--claim-timeout", "3000000000"], "--claim-timeout must be a whole number of seconds at least 1 and at most"),
+        (["--claim-timeout", "0"], "--claim-timeout must be a whole number of seconds at least 1"),
+        (["--claim-timeout", "604801"], "at most 604800, not 604801"),
+        (["--poll-interval", "inf"], "--poll-interval must be a number of seconds above 0 and at most 3600, not inf"),
+        (["--poll-interval", "nan"], "--poll-interval must be a number of seconds above 0 and at most 3600, not nan"),
+        (["--poll-interval", "0"], "--poll-interval must be a number of seconds above 0"),
+        (["--poll-interval", "3600.5"], "at most 3600, not 3600.5"),
+        (["--concurrency", "10001"], "--concurrency must be a whole number of tasks at least 1 and at most 10000"),
+        (["--concurrency", "0"], "--concurrency must be a whole number of tasks at least 1"),
+        (["--shutdown-grace", "nan"], "--shutdown-grace must be a number of seconds at least 0"),
+        (["--shutdown-grace", "-1"], "--shutdown-grace must be a number of seconds at least 0"),
+        (["--max-tasks", "0"], "--max-tasks must be at least 1"),
+    ],
+)
+def test_absurd_worker_refuses_out_of_range_options(db: Any, args: list[str], message: str) -> None:
+    """Accepted, these left a worker alive with a fresh heartbeat that never ran anything."""
+    refused_before_sql(re.escape(message), "absurd_worker", "--burst", *args)
+
+
+def test_absurd_worker_checks_the_settings_it_falls_back_on(db: Any) -> None:
+    with override_settings(ABSURD_AGENTS={"QUEUES": ["agents"], "CLAIM_TIMEOUT": 3_000_000_000}):
+        refused_before_sql(
+            re.escape("ABSURD_AGENTS['CLAIM_TIMEOUT'] must be a whole number"), "absurd_worker", "--burst"
+        )
+    with override_settings(ABSURD_AGENTS={"QUEUES": ["agents"], "POLL_INTERVAL": float("inf")}):
+        refused_before_sql(re.escape("ABSURD_AGENTS['POLL_INTERVAL'] must be a number"), "absurd_worker", "--burst")
+    refused_before_sql(re.escape("--claim-timeout must be"), "absurd_worker", claim_timeout=3_000_000_000, burst=True)
+
+
+def test_a_catalogued_queue_without_tables_is_left_out_of_the_commands(db: Any) -> None:
+    sql("insert into absurd.queues (queue_name) values (%s)", ["ghost%s"])
+    task_id = absurd.spawn_sync("worker_noop", {})["task_id"]
+    assert str(task_id) in run("absurd_tasks")
+    with pytest.raises(CommandError, match=re.escape("was not found in any queue (agents, other)")):
+        run("absurd_cancel", SOME_ID)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
+import re
 import uuid
 from typing import Any
 
@@ -17,7 +19,7 @@ from django.core.management.base import CommandError
 from django.db import DatabaseError
 from psycopg import sql
 
-from django_absurd_agents import conf
+from django_absurd_agents import conf, queries
 from django_absurd_agents.client import django_connection, load_json
 
 STATES = ("pending", "running", "sleeping", "completed", "failed", "cancelled")
@@ -44,13 +46,23 @@ def fetch(query: str, params: list[Any] | tuple[Any, ...] = ()) -> list[tuple[An
         return list(cursor.fetchall())
 
 
+def fetch_named(query: str, params: list[Any] | tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    """Like ``fetch``, each row as a dict by column name."""
+    with connection().cursor() as cursor:
+        cursor.execute(query, params)
+        names = [column.name for column in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
 def known_queues() -> list[str]:
     try:
-        return [row[0] for row in fetch("select queue_name from absurd.queues order by queue_name")]
+        catalog = fetch_named(queries.QUEUE_CATALOG_SQL)
     except DatabaseError as exc:
         raise CommandError(
             f"Cannot read the Absurd queues ({exc}). Is the schema installed? Run `manage.py migrate`."
         ) from exc
+    # A row inserted into absurd.queues without its tables (by hand, or by a tool that failed) is left out.
+    return [row["queue_name"] for row in catalog if row["has_tables"]]
 
 
 def checked_queue(name: str) -> str:
@@ -67,22 +79,114 @@ def checked_queue(name: str) -> str:
     return name
 
 
+def queue_option(value: str | None) -> str | None:
+    """A ``--queue`` value checked: None when the option was left out.
+
+    An empty value is an error, never "every queue" or "the default queue": ``--queue "$UNSET"``
+    must not widen a command to every queue.
+    """
+    if value is None:
+        return None
+    return checked_queue(queue_name_given(value))
+
+
+def queue_name_given(value: str) -> str:
+    """``value`` unless it is empty (or blank): then a CommandError, before any SQL."""
+    if not value.strip():
+        raise CommandError(
+            "--queue needs a queue name (it was given an empty value, e.g. an unset shell variable). "
+            "Name the queue, or leave --queue out."
+        )
+    return value
+
+
+_UUID_RE = re.compile(r"\{?[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}\}?", re.IGNORECASE)
+
+
 def task_id(value: str) -> str:
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise CommandError(f"{value!r} is not a task id (a UUID such as 0190c3e2-...).") from None
+    """``value`` as a canonical task id, or a CommandError naming it; checked before any SQL."""
+    if not isinstance(value, str) or not _UUID_RE.fullmatch(value.strip()):
+        raise CommandError(f"{value!r} is not a task id (a UUID such as 0190c3e2-8f4e-7c2a-9d1b-3f5e6a7b8c9d).")
+    return str(uuid.UUID(value.strip()))
 
 
 def locate_task(identifier: str, queue: str | None = None) -> tuple[str, str]:
-    """(queue, state) of a task, looked up in ``queue`` or else in every queue."""
-    queues = [checked_queue(queue)] if queue else known_queues()
+    """(queue, state) of a task, looked up in ``queue`` or else (``queue`` None) in every queue."""
+    checked = queue_option(queue)
+    queues = [checked] if checked is not None else known_queues()
     for name in queues:
         rows = fetch(f"select state from {table('t', name)} where task_id = %s", [identifier])
         if rows:
             return name, rows[0][0]
     where = f"queue {queue!r}" if queue else f"any queue ({', '.join(queues) or 'there are none'})"
     raise CommandError(f"Task {identifier} was not found in {where}.")
+
+
+MAX_JSON_DEPTH = 200
+"""Arrays and objects nested deeper than this are refused (the client's own limit for params and payloads;
+Python's json gives up near 1,000)."""
+
+
+class UnstorableJSON(ValueError):
+    """Valid JSON text (or nearly: NaN, Infinity) that PostgreSQL's jsonb cannot store."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise UnstorableJSON(
+        f'{name} is not a JSON number and PostgreSQL refuses it: write null, or a string such as "{name}".'
+    )
+
+
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")  # json.loads joins an escaped pair into one character
+
+
+def text_problem(text: str, where: str = "") -> str | None:
+    """Why PostgreSQL cannot store ``text`` (a NUL character, a lone surrogate), or None."""
+    if "\x00" in text:
+        return f"the text{where} contains a NUL character (\\u0000), which PostgreSQL cannot store: remove it."
+    surrogate = _SURROGATE_RE.search(text)
+    if surrogate:
+        code = f"\\u{ord(surrogate.group()):04x}"
+        return f"the text{where} contains a lone surrogate ({code}), which is not valid Unicode: remove it."
+    return None
+
+
+def json_problem(value: Any, max_depth: int = MAX_JSON_DEPTH) -> str | None:
+    """Why PostgreSQL's jsonb cannot store ``value`` (parsed JSON), naming where, or None."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        where = f" at {path}" if path else ""
+        if isinstance(item, dict | list):
+            if depth >= max_depth:
+                return f"it is nested more than {max_depth} levels deep{where}: flatten it."
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            for key, child in pairs:
+                if isinstance(key, str) and (problem := text_problem(key, f" of a key{where}")):
+                    return problem
+                stack.append((child, f"{path}[{json.dumps(key)[:40]}]", depth + 1))
+        elif isinstance(item, str):
+            if problem := text_problem(item, where):
+                return problem
+        elif isinstance(item, float) and not math.isfinite(item):
+            return f"the number{where} is too large for JSON (it reads as infinity): write it as a string."
+    return None
+
+
+def loads_storable_json(text: str) -> Any:
+    """``text`` parsed as JSON that PostgreSQL can store.
+
+    Raises ``UnstorableJSON`` naming what to fix (NaN, Infinity, too deep, NUL, lone surrogates) and
+    ``ValueError`` (``json.JSONDecodeError``) for text that is not JSON at all.
+    """
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise UnstorableJSON(f"it is nested more than {MAX_JSON_DEPTH} levels deep: flatten it.") from None
+    problem = json_problem(value)
+    if problem:
+        raise UnstorableJSON(problem[0].upper() + problem[1:])
+    return value
 
 
 def as_json(value: Any) -> Any:

@@ -26,7 +26,7 @@ class Command(BaseCommand):
         parser.add_argument("--queue", "-q", help="Clean only this queue.")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        queue = _ops.checked_queue(options["queue"]) if options["queue"] else None
+        queue = _ops.queue_option(options["queue"])  # None: every queue; an empty value is an error
         if queue is None:
             _ops.known_queues()  # a clear error when the schema is missing
         totals: dict[str, list[int]] = {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -25,19 +24,27 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         name = options["event"]
-        if not name:
+        if not name or not name.strip():
             raise CommandError("The event name cannot be empty.")
+        problem = _ops.text_problem(name)
+        if problem:
+            raise CommandError(f"The event name cannot be stored: {problem}")
         try:
-            payload = json.loads(options["payload"])
-        except json.JSONDecodeError as exc:
+            payload = _ops.loads_storable_json(options["payload"])
+        except _ops.UnstorableJSON as exc:
+            raise CommandError(f"--payload cannot be stored: {exc}") from None
+        except ValueError as exc:
             raise CommandError(
                 f"--payload is not valid JSON: {exc}. Quote it for the shell: --payload '{{\"ok\": true}}'."
             ) from exc
-        queue = _ops.checked_queue(options["queue"] or conf.get().default_queue)
+        queue = _ops.queue_option(options["queue"]) or _ops.checked_queue(conf.get().default_queue)
         earlier = _ops.fetch(
             f"select emitted_at from {_ops.table('e', queue)} where event_name = %s and payload is not null", [name]
         )
-        absurd.emit_event_sync(name, payload, queue_name=queue)
+        try:
+            absurd.emit_event_sync(name, payload, queue_name=queue)
+        except ValueError as exc:  # the client's own checks, made before any SQL
+            raise CommandError(f"The event was refused: {exc}") from exc
         if earlier:
             self.stdout.write(
                 f"Event {name!r} was already emitted on queue {queue} at {_ops.timestamp(earlier[0][0])}; "

@@ -26,8 +26,16 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if options["limit"] < 1:
             raise CommandError("--limit must be at least 1.")
-        queues = [_ops.checked_queue(q) for q in options["queues"]] if options["queues"] else _ops.known_queues()
-        tasks = list_tasks(queues, states=options["states"], name=options["name"], limit=options["limit"])
+        name = options["name"]
+        problem = _ops.text_problem(name) if name else None
+        if problem:
+            raise CommandError(f"--name: {problem}")
+        if options["queues"] is None:
+            queues = _ops.known_queues()
+        else:
+            given = [_ops.queue_name_given(queue) for queue in options["queues"]]  # every one, before any SQL
+            queues = [_ops.checked_queue(queue) for queue in given]
+        tasks = list_tasks(queues, states=options["states"], name=name, limit=options["limit"])
         if options["json"]:
             self.stdout.write(_ops.dumps(tasks))
             return

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from django_absurd_agents.agent import AbsurdAgent
     from django_absurd_agents.client import ProjectAbsurd, absurd
+    from django_absurd_agents.conversation_store import DjangoConversationStore
     from django_absurd_agents.conversations import register_chat_agent
     from django_absurd_agents.database import database_config
     from django_absurd_agents.durability import AbsurdDurability
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AbsurdAgent",
     "AbsurdDurability",
+    "DjangoConversationStore",
     "InvalidParams",
     "ProjectAbsurd",
     "TaskNotFound",
@@ -44,6 +46,7 @@ __all__ = [
 _EXPORTS = {
     "AbsurdAgent": "django_absurd_agents.agent",
     "AbsurdDurability": "django_absurd_agents.durability",
+    "DjangoConversationStore": "django_absurd_agents.conversation_store",
     "InvalidParams": "django_absurd_agents.jsonsafe",
     "ProjectAbsurd": "django_absurd_agents.client",
     "TaskNotFound": "django_absurd_agents.validation",

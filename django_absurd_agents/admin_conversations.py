@@ -1,8 +1,8 @@
 """Admin of conversations: who talks to which agent, and the transcript of each conversation.
 
-The transcript is built from the stored JSON of each turn's messages rather than from Pydantic AI
-objects, so a history that the installed Pydantic AI cannot load (written by a newer version, say)
-still renders.
+The transcript is built from the conversation's stored entries (the log ``DjangoConversationStore``
+keeps), read as JSON rather than as Pydantic AI objects, so a history that the installed Pydantic AI
+cannot load (written by a newer version, say) still renders.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html
 from django.utils.safestring import SafeString, mark_safe
 
+from django_absurd_agents.conversation_entries import entry_chain
 from django_absurd_agents.models import Conversation, Turn
 
 TRANSCRIPT_TEMPLATE = "admin/absurd_agents/conversation/transcript.html"
@@ -122,14 +123,52 @@ def transcript_entries(stored: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return entries
 
 
+def _sections(conversation: Conversation) -> list[tuple[Any, list[Any]]]:
+    """The conversation's history as (turn id, stored messages) runs of consecutive entries.
+
+    Entries saved through the store rather than by a turn have no turn id. An incomplete history (an
+    entry deleted by hand) shows what can still be read rather than failing the page.
+    """
+    head = Conversation.objects.filter(pk=conversation.pk).values_list("head_id", flat=True).first()
+    try:
+        chain = entry_chain(head)
+    except LookupError:
+        return []
+    sections: list[tuple[Any, list[Any]]] = []
+    for entry in chain:
+        if not sections or sections[-1][0] != entry.turn_id:
+            sections.append((entry.turn_id, []))
+        sections[-1][1].append(json.loads(entry.message_json))
+    return sections
+
+
+def _item(turn: Turn | None, stored: list[Any]) -> dict[str, Any]:
+    entries = transcript_entries(stored)
+    if turn is not None and turn.prompt and not any(entry["kind"] == "user" for entry in entries):
+        entries.insert(0, {"kind": "user", "text": turn.prompt})
+    return {
+        "turn": turn,
+        "entries": entries,
+        "task_url": task_url(turn) if turn is not None else None,
+        "usage": (turn.usage if turn is not None else None) or {},
+    }
+
+
 def render_transcript(conversation: Conversation) -> str:
-    turns = []
-    for turn in Turn.objects.filter(conversation=conversation).order_by("sequence"):
-        entries = transcript_entries(turn.new_messages or [])
-        if not any(entry["kind"] == "user" for entry in entries):
-            entries.insert(0, {"kind": "user", "text": turn.prompt})
-        turns.append({"turn": turn, "entries": entries, "task_url": task_url(turn), "usage": turn.usage or {}})
-    return render_to_string(TRANSCRIPT_TEMPLATE, {"turns": turns})
+    """The transcript from the stored entries, in log order; turns that stored nothing (pending, running,
+    failed, cancelled) are shown between them by their sequence, with their prompt and state."""
+    turns = {turn.pk: turn for turn in Turn.objects.filter(conversation=conversation).order_by("sequence")}
+    sections = _sections(conversation)
+    logged = {turn_id for turn_id, _ in sections}
+    unlogged = [turn for turn in turns.values() if turn.pk not in logged]
+    items: list[dict[str, Any]] = []
+    for turn_id, stored in sections:
+        turn = turns.get(turn_id)
+        while turn is not None and unlogged and unlogged[0].sequence < turn.sequence:
+            items.append(_item(unlogged.pop(0), []))
+        items.append(_item(turn, stored))
+    items.extend(_item(turn, []) for turn in unlogged)
+    return render_to_string(TRANSCRIPT_TEMPLATE, {"turns": items})
 
 
 class ConversationAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
@@ -137,8 +176,8 @@ class ConversationAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_filter = ("agent",)
     list_select_related = ("owner",)
     search_fields = ("title", f"owner__{get_user_model().USERNAME_FIELD}")
-    fields = ("title", "agent", "owner", "metadata", "id", "created_at", "updated_at", "transcript")
-    readonly_fields = ("id", "agent", "owner", "created_at", "updated_at", "transcript")
+    fields = ("title", "agent", "owner", "metadata", "id", "key", "created_at", "updated_at", "transcript")
+    readonly_fields = ("id", "key", "agent", "owner", "created_at", "updated_at", "transcript")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Conversation]:
         return super().get_queryset(request).annotate(turn_count=Count("turns"))

@@ -7,15 +7,40 @@ inside an ``@absurd.register_task`` handler checkpoints every model and tool cal
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import json
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 from pydantic_ai.agent import AbstractAgent, EventStreamHandler, WrapperAgent
+from pydantic_ai.conversation import ConversationTypeAdapter
 from pydantic_ai.exceptions import UserError
+from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter
 from pydantic_ai.models import Model, infer_model
 
 from django_absurd_agents.durability import AbsurdDurability, current_task_context
+
+
+def _json_text(value: Any) -> str | bytes:
+    return value if isinstance(value, str | bytes) else json.dumps(value)
+
+
+def messages_from_json(history: Any) -> Sequence[ModelMessage]:
+    """``message_history`` as given, or decoded when it is in its JSON form.
+
+    A task's result is stored as JSON, so a task that returned ``result.all_messages()`` gives back a
+    list of dicts: accept it (and the JSON text of ``all_messages_json()``) where a history is expected.
+    """
+    if isinstance(history, str | bytes):
+        return ModelMessagesTypeAdapter.validate_json(history)
+    if isinstance(history, list | tuple) and any(isinstance(message, dict) for message in history):
+        return ModelMessagesTypeAdapter.validate_json(json.dumps(list(history), default=_jsonable))
+    return history  # type: ignore[no-any-return]
+
+
+def _jsonable(value: Any) -> Any:
+    """A message object in a list that also holds JSON messages, as JSON."""
+    return ModelMessagesTypeAdapter.dump_python([value], mode="json")[0]
 
 
 class AbsurdAgent(WrapperAgent[Any, Any]):
@@ -79,6 +104,10 @@ class AbsurdAgent(WrapperAgent[Any, Any]):
     @asynccontextmanager
     async def iter(self, user_prompt: Any = None, **kwargs: Any) -> AsyncIterator[Any]:  # type: ignore[override]
         self._check_model(kwargs.get("model"))
+        if kwargs.get("message_history") is not None:
+            kwargs["message_history"] = messages_from_json(kwargs["message_history"])
+        if isinstance(kwargs.get("conversation"), dict | str | bytes):
+            kwargs["conversation"] = ConversationTypeAdapter.validate_json(_json_text(kwargs["conversation"]))
         kwargs["capabilities"] = [*(kwargs.get("capabilities") or ()), self.durability]
         async with self.wrapped.iter(user_prompt, **kwargs) as run:
             yield run

@@ -15,6 +15,9 @@ One walk, :func:`find_problem`, finds each of those, with a path to the offendin
   fails without another attempt);
 * the task-result check of the worker (through ``client.encode_json``).
 
+Values the standard encoder cannot write are given pydantic's JSON form (``plain_json``), so params
+and results may hold pydantic models and Pydantic AI messages; their JSON is checked the same way.
+
 NUL characters are refused, not escaped: text that holds one (often text extracted from a PDF or a web
 page) is almost always a bug of the extraction, and silently changing a tool's or a model's output
 would make a replay see something else than the code that produced it. Remove them where the text
@@ -23,12 +26,16 @@ comes from (``text.replace("\\x00", "")``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
+from pydantic import BaseModel
+from pydantic_ai.messages import ModelMessagesTypeAdapter, ModelRequest, ModelResponse
+from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 MAX_DEPTH = 200
 """Deepest nesting of lists and dicts accepted (real data is a few levels deep; a cycle is infinite)."""
@@ -158,15 +165,60 @@ def find_problem(value: Any, *, max_depth: int = MAX_DEPTH) -> Problem | None:
     return None
 
 
+class _Unstorable(ValueError):
+    """A pydantic value whose JSON form Postgres would refuse (a NUL character in a message, say)."""
+
+    def __init__(self, problem: Problem, type_name: str) -> None:
+        super().__init__(str(problem))
+        self.problem = problem
+        self.type_name = type_name
+
+
+def plain_json(value: Any) -> Any:
+    """The JSON form pydantic gives a pydantic model, a dataclass or a Pydantic AI message.
+
+    Pydantic AI messages take their ``ModelMessagesTypeAdapter`` form (the one ``message_history=``
+    reads back, bytes as base64), so a task may return ``result.all_messages()`` or a model instance.
+    Anything else (a set, bytes) stays refused with ``TypeError``: turning it into a list or base64
+    text would hand the task something else than what was passed.
+    """
+    if isinstance(value, ModelRequest | ModelResponse):
+        return ModelMessagesTypeAdapter.dump_python([value], mode="json")[0]
+    if isinstance(value, BaseModel) or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
+        try:
+            return to_jsonable_python(value, bytes_mode="base64")
+        except PydanticSerializationError as exc:
+            raise TypeError(f"{type(value).__name__} has no JSON form: {exc}") from exc
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+class _Encoder(DjangoJSONEncoder):
+    """Django's encoder (UUID, datetime, Decimal), then pydantic's, each result checked for ``jsonb``."""
+
+    def default(self, o: Any) -> Any:
+        try:
+            return super().default(o)
+        except TypeError:
+            plain = plain_json(o)
+        problem = find_problem(plain)
+        if problem is not None:
+            raise _Unstorable(problem, type(o).__name__)
+        return plain
+
+
 def encode(value: Any, *, what: str = "Task params", limit: int | None = None) -> str:
     """JSON text for ``value`` that Postgres will store, accepting Django's usual values (UUID,
-    datetime, Decimal), or ``InvalidParams`` naming the problem and the fix. No SQL is involved."""
+    datetime, Decimal) and pydantic's (models, dataclasses, Pydantic AI messages), or ``InvalidParams``
+    naming the problem and the fix. No SQL is involved."""
     problem = find_problem(value)
     if problem is not None:
         hint = f"{problem.hint} {GENERIC_HINT}" if problem.kind == "number" else problem.hint
         raise InvalidParams(f"{what} must be JSON: {problem}. {hint}")
     try:
-        text = json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False)
+        text = json.dumps(value, cls=_Encoder, allow_nan=False)
+    except _Unstorable as exc:
+        problem = exc.problem
+        raise InvalidParams(f"{what} must be JSON: {problem} of a {exc.type_name}. {problem.hint}") from None
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidParams(f"{what} must be JSON: {exc}. {GENERIC_HINT}") from exc
     if limit is not None:

@@ -24,7 +24,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from django_absurd_agents import AbsurdAgent, absurd
 from django_absurd_agents.client import InvalidParams
 from django_absurd_agents.conversations import register_chat_agent
-from django_absurd_agents.models import Conversation, Turn
+from django_absurd_agents.models import Conversation, Entry, Turn
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -436,7 +436,7 @@ def test_a_corrupted_stored_history_fails_the_next_turn_clearly(settings: Any) -
     other = Conversation.objects.create(agent="historian")
 
     # Someone edits the stored history by hand (or a migration goes wrong).
-    Turn.objects.filter(pk=first.pk).update(new_messages=[{"kind": "not-a-message", "parts": "oops"}])
+    Entry.objects.filter(turn=first).update(message={"kind": "not-a-message", "parts": "oops"})
     second = conversation.send("are you there?")
     elsewhere = other.send("hello")
     work_until(lambda: Turn.objects.get(pk=second.pk).is_terminal and Turn.objects.get(pk=elsewhere.pk).is_terminal)
@@ -445,11 +445,11 @@ def test_a_corrupted_stored_history_fails_the_next_turn_clearly(settings: Any) -
     assert second.state == Turn.State.FAILED
     assert re.search(rf"\bturn {first.sequence}\b", second.error, re.IGNORECASE), second.error
     assert str(conversation.pk) in second.error, second.error
-    assert second.new_messages is None and second.output is None
+    assert not second.entries.exists() and second.output is None
     assert result_of(second.task_id).state == "failed"
     # Nothing else was touched: the corrupted turn is as it was, and other conversations go on.
     first.refresh_from_db()
-    assert first.new_messages == [{"kind": "not-a-message", "parts": "oops"}]
+    assert [e.message for e in first.entries.all()] == [{"kind": "not-a-message", "parts": "oops"}] * 2
     elsewhere.refresh_from_db()
     assert elsewhere.state == Turn.State.COMPLETED and elsewhere.output == "seen 1 message(s)"
 
@@ -462,8 +462,8 @@ def test_the_admin_transcript_still_shows_a_conversation_with_a_corrupted_turn()
     conversation = Conversation.objects.create(agent="historian")
     turn = conversation.send("hello")
     work_until(lambda: Turn.objects.get(pk=turn.pk).is_terminal)
-    Turn.objects.filter(pk=turn.pk).update(
-        new_messages=[{"kind": "request", "parts": "oops"}, "not a message", {"kind": "response", "parts": [7]}]
-    )
+    one, other = turn.entries.all()
+    Entry.objects.filter(pk=one.pk).update(message={"kind": "response", "parts": [7]})
+    Entry.objects.filter(pk=other.pk).update(message="not a message")
     html = render_transcript(conversation)
     assert "hello" in html

@@ -18,9 +18,9 @@ from django.db import connection, transaction
 from django.urls import reverse
 from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, UserPromptPart
 
-from django_absurd_agents import absurd
+from django_absurd_agents import DjangoConversationStore, absurd
 from django_absurd_agents.conversations import TURN_TASK, TurnTimeout, register_chat_agent
-from django_absurd_agents.models import Conversation, Turn
+from django_absurd_agents.models import Conversation, Entry, Turn
 from tests import chat_agents
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -156,7 +156,7 @@ def test_a_later_turn_started_first_waits_for_the_earlier_ones() -> None:
     names = checkpoint_names(stored[2])
     # It found turn 2 unfinished, waited for its event, then found nothing left to wait for.
     assert names[:2] == ["earlier_turn:1", "earlier_turn_done:1"]
-    assert names[-3:] == ["load_history", "counter__model.request", "save_turn"]
+    assert names[-3:] == ["load_conversation", "counter__model.request", "save_turn"]
 
 
 def test_a_waiting_turn_rechecks_an_earlier_turn_that_never_reports() -> None:
@@ -183,7 +183,7 @@ def test_a_waiting_turn_rechecks_an_earlier_turn_that_never_reports() -> None:
     assert Turn.objects.get(pk=second.pk).output == "1: second"
     names = checkpoint_names(second)
     assert names[:3] == ["earlier_turn:1", "earlier_turn_timeout:1", "earlier_turn:2"]
-    assert names[-3:] == ["load_history", "counter__model.request", "save_turn"]
+    assert names[-3:] == ["load_conversation", "counter__model.request", "save_turn"]
 
 
 async def test_asend_and_await_result() -> None:
@@ -225,16 +225,31 @@ def test_send_refuses_an_empty_prompt_and_an_unsaved_conversation() -> None:
         Conversation(agent="counter").send("hi")
 
 
-def test_write_back_happens_once_per_task() -> None:
-    from django_absurd_agents.conversations import _save
+def test_an_answer_is_stored_once_per_task() -> None:
+    """The save step run again (its worker killed after the commit) finds its turn completed; a save that
+    slips past that check (two workers on one task) is rolled back by the turn's guarded update."""
+    from django_absurd_agents.conversations import _AlreadyStored, _store_answer, _TurnStore
 
     conversation = chat()
     turn = conversation.send("hi")
-    values = {"new_messages": [], "output": "first", "usage": {}}
-    assert _save(turn, values) is True
-    assert _save(turn, {**values, "output": "second"}) is False
+    store = DjangoConversationStore()
+
+    async def answer() -> Any:
+        loaded = await store.load(conversation.key)
+        return await chat_agents.counter.run("hi", conversation=loaded)
+
+    result = async_to_sync(answer)()
+    values = {"output": "first", "usage": {}}
+    assert async_to_sync(_store_answer)(turn, result, values) is True
+    assert async_to_sync(_store_answer)(turn, result, {**values, "output": "second"}) is False
+    again = async_to_sync(answer)()
+    with pytest.raises(_AlreadyStored):
+        async_to_sync(_TurnStore(turn, values).save)(again)
     turn.refresh_from_db()
-    assert turn.output == "first"
+    assert turn.output == "first" and turn.state == Turn.State.COMPLETED
+    assert len(conversation.messages()) == 2
+    assert [len(turn.model_messages())] == [2]
+    assert Entry.objects.count() == 2
 
 
 # --- failures ----------------------------------------------------------------------------------------
@@ -252,7 +267,7 @@ def test_failed_turn_records_its_error_and_the_next_send_goes_on_without_it() ->
     after.refresh_from_db()
     assert failed.state == Turn.State.FAILED
     assert failed.error == "RuntimeError: the model refuses 'boom'"
-    assert failed.new_messages is None
+    assert not failed.entries.exists() and failed.model_messages() == []
     assert task_state(failed) == "failed"
     assert after.state == Turn.State.COMPLETED
     assert after.output == "1: calm"  # the failed turn's prompt is not in the history
@@ -269,7 +284,8 @@ def test_failed_turn_records_its_error_and_the_next_send_goes_on_without_it() ->
     drive(finished(failed))
     failed.refresh_from_db()
     assert failed.state == Turn.State.COMPLETED
-    assert failed.output == "1: boom"
+    # A retried turn answers on the conversation as it is stored now: its messages join the end of the log.
+    assert failed.output == "3: calm | still here | boom"
     with pytest.raises(ValueError, match="only a failed or cancelled turn"):
         failed.retry()
 
@@ -299,7 +315,7 @@ def test_cancel_turn_releases_the_turn_behind_it() -> None:
         first.cancel()
     first.retry()
     drive(finished(first))
-    assert Turn.objects.get(pk=first.pk).output == "1: first"
+    assert Turn.objects.get(pk=first.pk).output == "2: second | first"
 
 
 @pytest.mark.usefixtures("one_attempt")

@@ -7,10 +7,12 @@ interval of ``inf`` would leave a worker alive, with a fresh heartbeat, that nev
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from django.utils.module_loading import autodiscover_modules
 
@@ -18,8 +20,33 @@ from django_absurd_agents import conf
 from django_absurd_agents.worker_log import one_line
 
 MAX_CONCURRENCY = 10_000
-MAX_CLAIM_TIMEOUT = 86_400
+MAX_CLAIM_TIMEOUT = 7 * 86_400  # a week: a lease longer than that is a typo, and a crash would wait as long
 MAX_POLL_INTERVAL = 3_600.0
+MAX_SHUTDOWN_GRACE = 86_400.0
+
+# (field, setting, what it is, lowest, highest, lowest excluded): values outside these make a worker that
+# looks alive (fresh heartbeat) but never runs anything, e.g. a lease of 95 years or an infinite poll.
+_RANGES: tuple[tuple[str, str, str, float, float, bool], ...] = (
+    ("concurrency", "CONCURRENCY", "a whole number of tasks", 1, MAX_CONCURRENCY, False),
+    # Absurd treats a claim timeout of 0 as "no lease at all": a crashed worker's tasks would never resume.
+    ("claim_timeout", "CLAIM_TIMEOUT", "a whole number of seconds", 1, MAX_CLAIM_TIMEOUT, False),
+    ("poll_interval", "POLL_INTERVAL", "a number of seconds", 0, MAX_POLL_INTERVAL, True),
+    ("shutdown_grace", "SHUTDOWN_GRACE", "a number of seconds", 0, MAX_SHUTDOWN_GRACE, False),
+)
+
+
+def check_ranges(values: dict[str, Any], given: set[str]) -> None:
+    """Refuse out-of-range numbers, naming the option (``given``) or the setting they came from."""
+    for name, setting, kind, lowest, highest, above in _RANGES:
+        value = values[name]
+        source = f"--{name.replace('_', '-')}" if name in given else f"ABSURD_AGENTS[{setting!r}]"
+        bound = f"above {lowest:g}" if above else f"at least {lowest:g}"
+        if kind.startswith("a whole") and (isinstance(value, bool) or not isinstance(value, int)):
+            raise WorkerError(f"{source} must be {kind}, not {value!r}.")
+        finite = isinstance(value, int | float) and math.isfinite(value)
+        low_ok = finite and (value > lowest if above else value >= lowest)
+        if not (low_ok and value <= highest):
+            raise WorkerError(f"{source} must be {kind} {bound} and at most {highest:g}, not {value!r}.")
 
 
 class WorkerError(Exception):
@@ -58,17 +85,20 @@ class WorkerConfig:
         connections: int | None = None,
     ) -> WorkerConfig:
         settings = conf.get()
+        given = {"concurrency": concurrency, "claim_timeout": claim_timeout, "poll_interval": poll_interval,
+                 "shutdown_grace": shutdown_grace}  # fmt: skip
+        numbers: dict[str, Any] = {
+            name: getattr(settings, name) if value is None else value for name, value in given.items()
+        }
+        check_ranges(numbers, {name for name, value in given.items() if value is not None})
         config = cls(
             queues=tuple(dict.fromkeys(queues or ())) or settings.all_queues,
-            concurrency=settings.concurrency if concurrency is None else concurrency,
-            claim_timeout=settings.claim_timeout if claim_timeout is None else claim_timeout,
-            poll_interval=settings.poll_interval if poll_interval is None else poll_interval,
-            shutdown_grace=settings.shutdown_grace if shutdown_grace is None else shutdown_grace,
             worker_id=worker_id or f"{socket.gethostname()}:{os.getpid()}",
             burst=burst,
             max_tasks=max_tasks,
             heartbeat_file=heartbeat_file or settings.heartbeat_file,
             connections=connections or 0,
+            **numbers,
         )
         config.validate()
         return config
@@ -78,27 +108,7 @@ class WorkerConfig:
             problem = conf.queue_name_error(queue)
             if problem:
                 raise WorkerError(problem)
-        if not 1 <= self.concurrency <= MAX_CONCURRENCY:
-            raise WorkerError(f"Concurrency must be between 1 and {MAX_CONCURRENCY}, not {self.concurrency}.")
-        if self.claim_timeout < 1:
-            # Absurd treats 0 as "no lease at all": a crashed worker's tasks would never be resumed.
-            raise WorkerError(f"The claim timeout must be at least 1 second, not {self.claim_timeout}.")
-        if self.claim_timeout > MAX_CLAIM_TIMEOUT:
-            # A lease of years means a crashed worker's tasks are never resumed.
-            raise WorkerError(
-                f"The claim timeout must be at most {MAX_CLAIM_TIMEOUT} seconds (one day), not {self.claim_timeout}: "
-                "a crashed worker's tasks wait that long to be resumed; keep it a few times your longest step."
-            )
-        if not 0 < self.poll_interval <= MAX_POLL_INTERVAL:  # also refuses NaN
-            raise WorkerError(
-                f"The poll interval must be a number of seconds above 0 and at most {MAX_POLL_INTERVAL:g}, "
-                f"not {self.poll_interval}."
-            )
-        if not 0 <= self.shutdown_grace <= MAX_CLAIM_TIMEOUT:
-            raise WorkerError(
-                f"The shutdown grace period must be between 0 and {MAX_CLAIM_TIMEOUT} seconds, "
-                f"not {self.shutdown_grace}."
-            )
+        check_ranges({name: getattr(self, name) for name, *_ in _RANGES}, {name for name, *_ in _RANGES})
         if self.max_tasks is not None and self.max_tasks < 1:
             raise WorkerError(f"--max-tasks must be at least 1, not {self.max_tasks}.")
         if self.connections < 0:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import sys
 from typing import Any
 
@@ -14,11 +13,6 @@ from django_absurd_agents import conf
 from django_absurd_agents.worker import Worker, WorkerConfig, WorkerError, discover_tasks
 
 _LEVELS = {0: logging.WARNING, 1: logging.INFO}
-
-MAX_CONCURRENCY = 10_000
-MAX_CLAIM_TIMEOUT = 7 * 86_400  # a week: a lease longer than that is a typo, and a crash would wait as long
-MAX_POLL_INTERVAL = 3_600.0
-MAX_SHUTDOWN_GRACE = 86_400.0
 
 
 class Command(BaseCommand):
@@ -92,40 +86,14 @@ class Command(BaseCommand):
             sys.exit(code)
 
 
-# (option, setting, what it is, lowest, highest, lowest excluded): values outside these make a worker that
-# looks alive (fresh heartbeat) but never runs anything, e.g. a lease of 95 years or an infinite poll.
-_RANGES: tuple[tuple[str, str, str, float, float, bool], ...] = (
-    ("concurrency", "CONCURRENCY", "a whole number of tasks", 1, MAX_CONCURRENCY, False),
-    ("claim_timeout", "CLAIM_TIMEOUT", "a whole number of seconds", 1, MAX_CLAIM_TIMEOUT, False),
-    ("poll_interval", "POLL_INTERVAL", "a number of seconds", 0, MAX_POLL_INTERVAL, True),
-    ("shutdown_grace", "SHUTDOWN_GRACE", "a number of seconds", 0, MAX_SHUTDOWN_GRACE, False),
-)
-
-
 def check_options(options: dict[str, Any]) -> None:
-    """Refuse empty queue names and out-of-range numbers before the worker is built (no SQL runs first).
-
-    A number left out comes from ``ABSURD_AGENTS``, and is checked the same way, naming the setting.
-    """
+    """Refuse empty queue names before the worker is built (no SQL runs first); ``WorkerConfig`` checks the numbers."""
     for queue in options.get("queues") or ():
         if not isinstance(queue, str) or not queue.strip():
             raise CommandError(
                 "--queue needs a queue name (it was given an empty value, e.g. an unset shell variable). "
                 "Name the queue, or leave --queue out to serve every configured queue."
             )
-    settings = conf.get()
-    for option, setting, kind, lowest, highest, above in _RANGES:
-        value = options.get(option)
-        source = f"--{option.replace('_', '-')}"
-        if value is None:
-            value, source = getattr(settings, option), f"ABSURD_AGENTS[{setting!r}]"
-        bound = f"above {lowest:g}" if above else f"at least {lowest:g}"
-        if kind.startswith("a whole") and (isinstance(value, bool) or not isinstance(value, int)):
-            raise CommandError(f"{source} must be {kind}, not {value!r}.")
-        finite = isinstance(value, int | float) and math.isfinite(value)
-        low_ok = finite and (value > lowest if above else value >= lowest)
-        if not (low_ok and value <= highest):
-            raise CommandError(f"{source} must be {kind} {bound} and at most {highest:g}, not {value!r}.")
     max_tasks = options.get("max_tasks")
     if max_tasks is not None and max_tasks < 1:
         raise CommandError(f"--max-tasks must be at least 1, not {max_tasks!r}.")

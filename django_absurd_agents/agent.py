@@ -54,6 +54,7 @@ class AbsurdAgent(WrapperAgent[Any, Any]):
         name: str | None = None,
         models: Mapping[str, Model | str] | None = None,
         event_stream_handler: EventStreamHandler[Any] | None = None,
+        event_log: bool = False,
     ) -> None:
         super().__init__(inner_agent)
         agent_name = name or inner_agent.name
@@ -76,7 +77,7 @@ class AbsurdAgent(WrapperAgent[Any, Any]):
         }
         models = self._models
         self.durability: AbsurdDurability[Any] = AbsurdDurability(
-            models=models, event_stream_handler=event_stream_handler, name=agent_name
+            models=models, event_stream_handler=event_stream_handler, name=agent_name, event_log=event_log
         )
 
     @property

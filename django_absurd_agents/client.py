@@ -22,8 +22,8 @@ import inspect
 import json
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import psycopg
 from absurd_sdk import (
@@ -49,6 +49,9 @@ from django_absurd_agents.registry import TaskRegistry
 from django_absurd_agents.task_context import check_context
 from django_absurd_agents.validation import TaskNotFound as TaskNotFound  # re-exported
 from django_absurd_agents.validation import UnknownQueue as UnknownQueue  # re-exported: its old home
+
+if TYPE_CHECKING:
+    from django_absurd_agents.event_stream import LoggedEvent
 
 TaskId = str | uuid.UUID
 TaskHandler = Callable[[Any, AsyncTaskContext], Awaitable[Any]]
@@ -485,6 +488,20 @@ class ProjectAbsurd(AsyncAbsurd):
             )
             row = cursor.fetchone()
         return {"task_id": str(row[0]), "run_id": str(row[1]), "attempt": row[2], "created": row[3]}
+
+    # --- the event log of agent runs (event_log.py writes it, event_stream.py reads it) -----------
+
+    def stream_events(self, task_id: TaskId, after: int | None = None) -> AsyncIterator[LoggedEvent]:
+        """The task's event log after offset ``after``, live, ending with an ``end`` entry once the task is over."""
+        from django_absurd_agents.event_stream import stream_events
+
+        return stream_events(task_id, after)
+
+    def events_sync(self, task_id: TaskId, after: int | None = None) -> list[LoggedEvent]:
+        """The entries of the task's event log so far (and ``end`` if it is over), read on Django's connection."""
+        from django_absurd_agents.event_stream import events_sync
+
+        return events_sync(task_id, after)
 
     # --- execution --------------------------------------------------------------------------
 

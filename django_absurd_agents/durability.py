@@ -8,8 +8,9 @@ step name starts with the agent's name.
 
 from __future__ import annotations
 
+import functools
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -33,11 +34,13 @@ from pydantic_ai.durable_exec import (
     replay_scope,
 )
 from pydantic_ai.exceptions import UserError
+from pydantic_ai.messages import AgentStreamEvent
 from pydantic_ai.models import Model
 from pydantic_ai.run import AgentRunResult
 from pydantic_ai.tools import AgentDepsT, RunContext
 from pydantic_core import PydanticSerializationError
 
+from django_absurd_agents import event_log as log
 from django_absurd_agents import sdk
 from django_absurd_agents.jsonsafe import UnrecordableStepResult, find_problem
 from django_absurd_agents.lease import keep_lease, lease_kept
@@ -106,11 +109,12 @@ class AbsurdOperationBackend(JournalCallableOperationBackend[None]):
             return recorded[checkpoint_name]
         handle = StepHandle(name=name, checkpoint_name=checkpoint_name, done=False)
         try:
-            if lease_kept(ctx):
-                value = await body()
-            else:  # a task run by a plain absurd_sdk client: keep its lease for the step ourselves
-                async with keep_lease(ctx):
+            with log.in_step(checkpoint_name):  # the step's live model events carry its checkpoint name
+                if lease_kept(ctx):
                     value = await body()
+                else:  # a task run by a plain absurd_sdk client: keep its lease for the step ourselves
+                    async with keep_lease(ctx):
+                        value = await body()
         except PydanticSerializationError as exc:
             await _unrecordable(ctx, operation_id, name, f"{exc}.")
         # The body's value is JSON-shaped (JSON_CODEC), but may hold what Postgres's jsonb refuses: a NUL
@@ -176,6 +180,7 @@ class AbsurdDurability(BaseDurabilityCapability[AgentDepsT]):
         models: Mapping[str, Model] | None = None,
         event_stream_handler: EventStreamHandler[AgentDepsT] | None = None,
         name: str | None = None,
+        event_log: bool = False,
     ) -> None:
         """Create the capability.
 
@@ -185,8 +190,31 @@ class AbsurdDurability(BaseDurabilityCapability[AgentDepsT]):
             event_stream_handler: Receives the run's model and tool events; inside a task, model events
                 arrive live within the model step and tool events in steps of their own.
             name: Prefix of every step name; defaults to the agent's ``name``.
+            event_log: Inside a task, append every event of the run to the task's event log as it
+                happens, for ``absurd.stream_events()`` and the Server-Sent Events view (``event_log.py``).
+                Model requests are then streamed: their steps are named ``...__model.request_stream``.
         """
         super().__init__(models=models, event_stream_handler=event_stream_handler, name=name)
+        self.event_log = event_log
+
+    @property
+    def has_wrap_run_event_stream(self) -> bool:
+        # Logging is a reason to stream, inside a task only (as Temporal's event_stream_topic).
+        return super().has_wrap_run_event_stream or (self.event_log and self.in_durable_context)
+
+    def _model_stream_event_handler(self) -> EventStreamHandler[AgentDepsT] | None:
+        handler = super()._model_stream_event_handler()
+        return log.model_step_handler(handler) if self.event_log else handler
+
+    async def wrap_run_event_stream(
+        self, ctx: RunContext[AgentDepsT], *, stream: AsyncIterable[AgentStreamEvent]
+    ) -> AsyncIterable[AgentStreamEvent]:
+        events = super().wrap_run_event_stream(ctx, stream=stream)
+        task = current_task_context()
+        if self.event_log and task is not None:
+            events = log.log_run_events(task, events)
+        async for event in events:
+            yield event
 
     @property
     def in_durable_context(self) -> bool:
@@ -223,4 +251,6 @@ class AbsurdDurability(BaseDurabilityCapability[AgentDepsT]):
         # replay_scope() is opened by AbsurdReplayScope, outside the run span: a second scope here
         # would start a fresh tally that the run span never hears from.
         with external_event_scope(AbsurdEventWaiter(task, self.name)):
+            if self.event_log:
+                return await log.logged_run(task, functools.partial(super().wrap_run, ctx, handler=handler))
             return await super().wrap_run(ctx, handler=handler)

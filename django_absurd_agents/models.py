@@ -39,3 +39,47 @@ class AbsurdOverview(AbsurdTask):
         proxy = True
         default_permissions = ()
         verbose_name = verbose_name_plural = "Absurd overview"
+
+
+from django.db.models.functions import Now  # noqa: E402  (kept next to the one model that uses it)
+
+
+class AgentEvent(models.Model):
+    """One entry of a task's event log: an event of its agent runs, or an ``attempt`` marker.
+
+    Written by the worker while the task runs (``django_absurd_agents.event_log``), read by
+    ``absurd.stream_events()`` and the Server-Sent Events view (``django_absurd_agents.event_stream``).
+    ``offset`` only grows; within a task the entries are in the order their events happened.
+    """
+
+    offset: models.BigAutoField = models.BigAutoField(primary_key=True)
+    task_id: models.UUIDField[uuid.UUID | str, uuid.UUID] = models.UUIDField()
+    attempt: models.PositiveIntegerField[int, int] = models.PositiveIntegerField()
+    kind: models.CharField[str, str] = models.CharField(
+        max_length=64, help_text="pydantic-ai's event_kind (part_delta, function_tool_call, ...), or 'attempt'."
+    )
+    payload: models.JSONField[Any, Any] = models.JSONField()
+    step: models.TextField[str | None, str | None] = models.TextField(
+        null=True, blank=True, help_text="The checkpoint of the step that produced the event, for model events."
+    )
+    position: models.CharField[str | None, str | None] = models.CharField(
+        max_length=32,
+        null=True,
+        blank=True,
+        help_text="Place of an event produced outside steps, so that a replay does not log it again.",
+    )
+    created: models.DateTimeField[datetime, datetime] = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        default_permissions = ()
+        indexes = [models.Index(fields=["task_id", "offset"], name="absurd_event_task_offset")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["task_id", "position"],
+                condition=models.Q(position__isnull=False),
+                name="absurd_event_unique_position",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} #{self.offset} of task {self.task_id}"

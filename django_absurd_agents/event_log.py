@@ -1,0 +1,346 @@
+"""The event log of a task's agent runs, written by the worker as the runs happen.
+
+An agent built with ``AbsurdAgent(..., event_log=True)`` (or ``AbsurdDurability(event_log=True)``)
+appends every event of its runs inside a task to the ``AgentEvent`` table: the model's part
+start/delta/end and final-result events while the model streams (from inside the model request's
+step), tool calls and results, and the run's result. Each write is one multi-row ``INSERT`` that
+also sends a ``NOTIFY``, so readers (``event_stream.py``) wake up at once. Events are buffered and
+written every ``BATCH_INTERVAL`` seconds (and at the end of every step), so a token stream costs a
+few commits a second, not one per token; consecutive text deltas of one part are merged.
+
+What a reader assembles has each step's events exactly once, whatever the crashes:
+
+* A model step's events carry the step's checkpoint name and are committed before the step's
+  checkpoint is, so a completed step always has all of its events in the log.
+* A replay does not run completed steps, so their events are never written again. Events produced
+  outside steps (tool calls and results, the run's result) are produced again by a replay; each
+  has a ``position`` (its place in the task's execution, the same on every attempt) and a unique
+  index on it drops the copies.
+* When a new attempt starts, the events of steps that an earlier attempt did not complete (the
+  model answer that was streaming when the worker died) are void: the attempt writes an
+  ``attempt`` marker ``{"attempt": n, "discard_after": offset}``, and readers drop the entries
+  between ``discard_after`` and the marker. The step runs again and writes its events anew.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import itertools
+import json
+import logging
+import time
+import weakref
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+from absurd_sdk import AsyncTaskContext, get_current_context
+from psycopg import sql
+from pydantic import TypeAdapter
+from pydantic_ai.agent import EventStreamHandler
+from pydantic_ai.messages import (
+    AgentStreamEvent,
+    FinalResultEvent,
+    PartDeltaEvent,
+    PartEndEvent,
+    PartStartEvent,
+    TextPartDelta,
+    ThinkingPartDelta,
+)
+from pydantic_ai.run import AgentRunResult, AgentRunResultEvent
+from pydantic_ai.tools import RunContext
+
+from django_absurd_agents import sdk
+
+logger = logging.getLogger("django_absurd_agents.event_log")
+
+CHANNEL = "absurd_agents_events"
+"""The ``LISTEN``/``NOTIFY`` channel; a notification's payload is the task id."""
+
+BATCH_INTERVAL = 0.1
+"""Seconds an event waits in the buffer at most before it is written (Temporal's batch interval)."""
+
+ATTEMPT = "attempt"
+"""Kind of the marker written when an attempt (or a re-run of one) starts to log."""
+
+MODEL_EVENT_TYPES = (PartStartEvent, PartDeltaEvent, PartEndEvent, FinalResultEvent)
+"""Events of the model's response stream: logged from inside the model step, skipped on its replay."""
+
+EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(AgentStreamEvent)
+RESULT_ADAPTER: TypeAdapter[AgentRunResultEvent[Any]] = TypeAdapter(AgentRunResultEvent[Any])
+
+_current_step: contextvars.ContextVar[str | None] = contextvars.ContextVar("absurd_agents_log_step", default=None)
+_writers: weakref.WeakKeyDictionary[AsyncTaskContext, EventLogWriter] = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def in_step(checkpoint_name: str) -> Iterator[None]:
+    """Mark the code inside as the body of the step ``checkpoint_name`` (``AbsurdOperationBackend``)."""
+    token = _current_step.set(checkpoint_name)
+    try:
+        yield
+    finally:
+        _current_step.reset(token)
+
+
+def table() -> str:
+    from django_absurd_agents.models import AgentEvent
+
+    return AgentEvent._meta.db_table
+
+
+def encode(event: Any) -> str:
+    """The JSON text of a pydantic-ai event; a result event carries only the run's new messages."""
+    if isinstance(event, AgentRunResultEvent):
+        data = RESULT_ADAPTER.dump_python(event, mode="json")
+        result = data["result"]
+        result["messages"] = result["messages"][result.get("new_message_index") or 0 :]
+        result["new_message_index"] = 0
+    else:
+        data = EVENT_ADAPTER.dump_python(event, mode="json")
+    return storable(json.dumps(data, ensure_ascii=False))
+
+
+def storable(text: str) -> str:
+    """``text`` with what Postgres's ``jsonb`` refuses replaced by U+FFFD.
+
+    A NUL character or a lone surrogate in a model's text makes the step itself fail (its checkpoint
+    cannot hold it, and the error names the step); the log, a display channel, must not fail first.
+    """
+    if "\\u0000" in text:
+        text = text.replace("\\u0000", "\ufffd")
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+@dataclass
+class _Entry:
+    kind: str
+    event: Any  # a pydantic-ai event, or the dict of a marker
+    step: str | None = None
+    position: str | None = None
+
+
+def _merged(previous: _Entry, entry: _Entry) -> _Entry | None:
+    """One delta for two consecutive text (or thinking) deltas of the same part, when nothing else differs."""
+    a, b = previous.event, entry.event
+    if not (isinstance(a, PartDeltaEvent) and isinstance(b, PartDeltaEvent)) or previous.step != entry.step:
+        return None
+    if a.index != b.index or type(a.delta) is not type(b.delta):
+        return None
+    da, db = a.delta, b.delta
+    if not isinstance(da, TextPartDelta | ThinkingPartDelta) or not isinstance(db, TextPartDelta | ThinkingPartDelta):
+        return None
+    if da.provider_name != db.provider_name or da.provider_details is not None or db.provider_details is not None:
+        return None
+    if isinstance(da, TextPartDelta) and isinstance(db, TextPartDelta):
+        if da.citations_delta is not None or db.citations_delta is not None:
+            return None
+        return replace(previous, event=replace(a, delta=replace(da, content_delta=da.content_delta + db.content_delta)))
+    if isinstance(da, ThinkingPartDelta) and isinstance(db, ThinkingPartDelta):
+        if None in (da.content_delta, db.content_delta) or (da.signature_delta, db.signature_delta) != (None, None):
+            return None
+        content = (da.content_delta or "") + (db.content_delta or "")
+        return replace(previous, event=replace(a, delta=replace(da, content_delta=content)))
+    return None
+
+
+_INSERT = """
+with written as (
+    insert into {table} (task_id, attempt, kind, step, position, payload, created)
+    select %s, %s, entry.kind, entry.step, entry.position, entry.payload::jsonb, clock_timestamp()
+    from unnest(%s::text[], %s::text[], %s::text[], %s::text[]) with ordinality
+        as entry(kind, step, position, payload, n)
+    order by entry.n
+    on conflict (task_id, position) where position is not null do nothing
+    returning 1
+)
+select pg_notify(%s, %s) from (select 1 from written limit 1) as any_written
+"""
+
+
+class EventLogWriter:
+    """The log of one execution of one task: buffers events, writes them in order, in batches."""
+
+    def __init__(self, ctx: AsyncTaskContext, interval: float = BATCH_INTERVAL) -> None:
+        self.ctx = ctx
+        self.task_id = str(ctx.task_id)
+        self.attempt = int(sdk.claimed_task(ctx).get("attempt") or 1)
+        self.interval = interval
+        self._entries: list[_Entry] = []
+        self._lock = asyncio.Lock()
+        self._timer: asyncio.Task[None] | None = None
+        self._error: BaseException | None = None
+        self._positions = itertools.count(1)
+        self._started = False
+
+    # --- starting an execution ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Once per execution: write an ``attempt`` marker if this execution follows one that logged."""
+        if self._started:
+            return
+        self._started = True
+        recorded = sdk.recorded_checkpoints(self.ctx)
+        if self.attempt == 1 and not recorded:
+            return  # the task's first execution: nothing can be in its log yet
+        conn = sdk.task_connection(self.ctx)
+        statement = sql.SQL(
+            'select max(attempt), max("offset"), max("offset") filter (where kind = %s) from {} where task_id = %s'
+        ).format(sql.Identifier(table()))
+        cursor = await conn.execute(statement, (ATTEMPT, self.task_id))
+        logged_attempt, last_offset, last_marker = await cursor.fetchone()
+        statement = sql.SQL(
+            'select step, min("offset") from {} where task_id = %s and "offset" > %s and step is not null group by step'
+        ).format(sql.Identifier(table()))
+        cursor = await conn.execute(statement, (self.task_id, last_marker or 0))
+        unfinished = [offset for step, offset in await cursor.fetchall() if step not in recorded]
+        new_attempt = self.attempt > 1 and self.attempt > (logged_attempt or 0)
+        if not (new_attempt or unfinished):
+            return
+        discard_after = min(unfinished) - 1 if unfinished else (last_offset or 0)
+        marker = {"attempt": self.attempt, "discard_after": discard_after}
+        async with self._lock:
+            await self._write([_Entry(ATTEMPT, marker)])
+
+    # --- buffering ------------------------------------------------------------------------------
+
+    def add(self, event: Any, *, step: str | None = None, positioned: bool = False) -> None:
+        """Buffer ``event``; it is written within ``interval`` seconds (or at the next ``flush``)."""
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        kind = str(getattr(event, "event_kind", "event"))
+        entry = _Entry(kind, event, step, str(next(self._positions)) if positioned else None)
+        if self._entries and (merged := _merged(self._entries[-1], entry)) is not None:
+            self._entries[-1] = merged
+        else:
+            self._entries.append(entry)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self.interval)
+        self._timer = None  # from here on the flush is no longer cancelled by an explicit one
+        try:
+            await self._flush_buffer()
+        except Exception as exc:  # raised again by the next add() or flush() of the task's own code
+            self._error = exc
+
+    async def flush(self) -> None:
+        """Write everything buffered so far (and raise what a background write raised)."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        await self._flush_buffer()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    async def _flush_buffer(self) -> None:
+        async with self._lock:
+            entries, self._entries = self._entries, []
+            if entries:
+                await self._write(entries)
+
+    async def _write(self, entries: list[_Entry]) -> None:
+        kinds, steps, positions, payloads = [], [], [], []
+        for entry in entries:
+            kinds.append(entry.kind)
+            steps.append(entry.step)
+            positions.append(entry.position)
+            payloads.append(entry.event if isinstance(entry.event, str) else _payload(entry.event))
+        statement = sql.SQL(_INSERT).format(table=sql.Identifier(table()))
+        started = time.monotonic()
+        await sdk.task_connection(self.ctx).execute(
+            statement, (self.task_id, self.attempt, kinds, steps, positions, payloads, CHANNEL, self.task_id)
+        )
+        elapsed = (time.monotonic() - started) * 1e3
+        logger.debug("task %s: %d event(s) logged in %.1f ms", self.task_id, len(entries), elapsed)
+
+
+def _payload(event: Any) -> str:
+    if isinstance(event, dict):
+        return json.dumps(event)
+    return encode(event)
+
+
+def writer_for(ctx: AsyncTaskContext) -> EventLogWriter:
+    """The log writer of the execution ``ctx`` (one per execution, shared by its agent runs)."""
+    writer = _writers.get(ctx)
+    if writer is None:
+        writer = _writers[ctx] = EventLogWriter(ctx)
+    return writer
+
+
+def _task_context() -> AsyncTaskContext | None:
+    ctx = get_current_context()
+    return ctx if isinstance(ctx, AsyncTaskContext) else None
+
+
+# --- the hooks AbsurdDurability calls --------------------------------------------------------------
+
+
+def model_step_handler(handler: EventStreamHandler[Any] | None) -> EventStreamHandler[Any]:
+    """An event stream handler for inside a model step: logs the live model events, then ``handler``'s turn.
+
+    The step's events are flushed before the handler returns, that is before the step's checkpoint
+    is written: a step that is recorded has all of its events in the log.
+    """
+
+    async def logging_handler(run_context: RunContext[Any], stream: AsyncIterable[Any]) -> None:
+        ctx = _task_context()
+        if ctx is None:
+            if handler is not None:
+                await handler(run_context, stream)
+            else:
+                async for _ in stream:
+                    pass
+            return
+        writer = writer_for(ctx)
+        step = _current_step.get()
+
+        async def logged(events: AsyncIterable[Any]) -> AsyncIterator[Any]:
+            async for event in events:
+                writer.add(event, step=step)
+                yield event
+
+        published = logged(stream)
+        if handler is not None:
+            await handler(run_context, published)
+        async for _ in published:  # what the handler left (or everything, without one)
+            pass
+        await writer.flush()
+
+    return logging_handler
+
+
+async def log_run_events(ctx: AsyncTaskContext, events: AsyncIterable[Any]) -> AsyncIterator[Any]:
+    """Pass the run's events through, logging those produced outside steps (tool calls, results, ...).
+
+    Model events are skipped: they were logged live inside their step, and here they are the replay
+    of its recorded response.
+    """
+    writer = writer_for(ctx)
+    async for event in events:
+        if not isinstance(event, MODEL_EVENT_TYPES):
+            writer.add(event, positioned=True)
+        yield event
+
+
+async def logged_run(ctx: AsyncTaskContext, run: Callable[[], Awaitable[AgentRunResult[Any]]]) -> AgentRunResult[Any]:
+    """Run an agent run with its events logged; its result is logged (and everything flushed) at its end."""
+    writer = writer_for(ctx)
+    await writer.start()
+    try:
+        result = await run()
+    except Exception:  # not on cancellation: a run cancelled because its lease was lost is no longer ours
+        try:
+            await writer.flush()
+        except Exception:
+            logger.warning("Could not log the last events of task %s", writer.task_id, exc_info=True)
+        raise
+    writer.add(AgentRunResultEvent(result), positioned=True)
+    await writer.flush()
+    return result

@@ -11,6 +11,10 @@ task that continues it (see ``conversation_models`` and ``conversations``).
 
 from __future__ import annotations
 
+import uuid
+from datetime import datetime
+from typing import Any
+
 from django.db import models
 
 # Conversations live in a module of their own, with the code that works on them; imported here so that

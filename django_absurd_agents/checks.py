@@ -110,3 +110,63 @@ def _unapplied_migrations(connection: Any) -> list[str]:
     targets = executor.loader.graph.leaf_nodes("absurd_agents")
     plan = executor.migration_plan(targets)
     return [migration.name for migration, backwards in plan if migration.app_label == "absurd_agents" and not backwards]
+
+
+@register(Tags.compatibility)
+def check_webhooks(app_configs: Any = None, **kwargs: Any) -> list[Error | Warning]:
+    from django.core.exceptions import ImproperlyConfigured
+
+    from django_absurd_agents import webhooks
+
+    errors: list[Error | Warning] = []
+    try:
+        names = list(webhooks.hooks())
+    except ImproperlyConfigured as exc:
+        return [Error(str(exc), id="absurd_agents.E030")]
+    for name in names:
+        try:
+            webhooks.hook(name)
+        except ImproperlyConfigured as exc:
+            errors.append(Error(str(exc), hint="See docs/webhooks.md.", id="absurd_agents.E030"))
+    return errors
+
+
+@register(Tags.compatibility)
+def check_peer_apps(app_configs: Any = None, **kwargs: Any) -> list[Error | Warning]:
+    """django-absurd in the same project: both migrate the ``absurd`` schema and ship ``absurd_worker``."""
+    from django.apps import apps
+    from django.core.management import find_commands, get_commands
+
+    errors: list[Error | Warning] = []
+    if apps.is_installed("django_absurd"):
+        errors.append(
+            Error(
+                "django-absurd and django-absurd-agents are both installed: each installs Absurd's schema with a "
+                "migration of its own, so in one database the second `migrate` fails (the schema already exists), "
+                "and their Absurd versions differ.",
+                hint="Use one of them per project: django-absurd-agents runs django.tasks @task functions too "
+                "(TASKS BACKEND 'django_absurd_agents.backends.AbsurdTaskBackend'). To keep both, give them separate "
+                "databases with a router (allow_migrate) and ABSURD_AGENTS['DATABASE_ALIAS'], then silence this "
+                "check (SILENCED_SYSTEM_CHECKS = ['absurd_agents.E040']). See docs/installation.md.",
+                id="absurd_agents.E040",
+            )
+        )
+    ours = apps.get_app_config("absurd_agents")
+    winners = get_commands()
+    for command in find_commands(f"{ours.path}/management"):
+        owner = winners.get(command)
+        if owner not in (None, ours.name):
+            errors.append(
+                Warning(
+                    f"`manage.py {command}` runs the command of {owner!r}, not django-absurd-agents' own: Django "
+                    "picks the app listed first in INSTALLED_APPS.",
+                    hint=f"List 'django_absurd_agents' before {owner!r} in INSTALLED_APPS to get ours"
+                    + (
+                        ", or run `manage.py absurd_agents_worker`, which is always ours."
+                        if command == "absurd_worker"
+                        else "."
+                    ),
+                    id="absurd_agents.W040",
+                )
+            )
+    return errors

@@ -44,6 +44,8 @@ DEFAULTS: dict[str, Any] = {
     "DIRECT_DATABASE_URL": None,
     # ``migrate absurd_agents zero`` drops the schema (and every task in it) only when this is True.
     "ALLOW_SCHEMA_DROP": False,
+    # Hook name -> {"SECRET", "SCHEME", "EVENT", ...}: POST /agents/hooks/<name> emits an event (webhooks.py).
+    "WEBHOOKS": {},
 }
 
 QUEUE_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")

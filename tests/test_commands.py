@@ -231,7 +231,7 @@ def test_absurd_emit_refuses_json_postgres_cannot_store(db: Any, payload: str, f
 
 @pytest.mark.parametrize(
     ("name", "fix"),
-    [("evt\x00", "NUL character"), ("evt\udcff", "lone surrogate (\\udcff)"), ("  ", "cannot be empty")],
+    [("evt\x00", "NUL character"), ("evt\udcff", "unpaired surrogate (\\udcff)"), ("  ", "cannot be empty")],
 )
 def test_absurd_emit_refuses_an_event_name_postgres_cannot_store(db: Any, name: str, fix: str) -> None:
     """``\\udcff`` is what Python makes of an invalid UTF-8 byte on the command line (surrogateescape)."""
@@ -239,7 +239,7 @@ def test_absurd_emit_refuses_an_event_name_postgres_cannot_store(db: Any, name: 
 
 
 def test_absurd_tasks_refuses_a_task_name_postgres_cannot_store(db: Any) -> None:
-    refused_before_sql(re.escape("--name: the text contains a NUL character"), "absurd_tasks", "--name", "a\x00b")
+    refused_before_sql(re.escape("--name: it contains a NUL character"), "absurd_tasks", "--name", "a\x00b")
 
 
 @pytest.mark.parametrize(

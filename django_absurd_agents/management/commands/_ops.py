@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import re
 import uuid
 from typing import Any
@@ -19,7 +18,7 @@ from django.core.management.base import CommandError
 from django.db import DatabaseError
 from psycopg import sql
 
-from django_absurd_agents import conf, queries
+from django_absurd_agents import conf, jsonsafe, queries
 from django_absurd_agents.client import django_connection, load_json
 
 STATES = ("pending", "running", "sleeping", "completed", "failed", "cancelled")
@@ -122,11 +121,6 @@ def locate_task(identifier: str, queue: str | None = None) -> tuple[str, str]:
     raise CommandError(f"Task {identifier} was not found in {where}.")
 
 
-MAX_JSON_DEPTH = 200
-"""Arrays and objects nested deeper than this are refused (the client's own limit for params and payloads;
-Python's json gives up near 1,000)."""
-
-
 class UnstorableJSON(ValueError):
     """Valid JSON text (or nearly: NaN, Infinity) that PostgreSQL's jsonb cannot store."""
 
@@ -137,44 +131,14 @@ def _refuse_constant(name: str) -> Any:
     )
 
 
-_SURROGATE_RE = re.compile("[\ud800-\udfff]")  # json.loads joins an escaped pair into one character
-
-
-def text_problem(text: str, where: str = "") -> str | None:
+def text_problem(text: str) -> str | None:
     """Why PostgreSQL cannot store ``text`` (a NUL character, a lone surrogate), or None."""
-    if "\x00" in text:
-        return f"the text{where} contains a NUL character (\\u0000), which PostgreSQL cannot store: remove it."
-    surrogate = _SURROGATE_RE.search(text)
-    if surrogate:
-        code = f"\\u{ord(surrogate.group()):04x}"
-        return f"the text{where} contains a lone surrogate ({code}), which is not valid Unicode: remove it."
-    return None
-
-
-def json_problem(value: Any, max_depth: int = MAX_JSON_DEPTH) -> str | None:
-    """Why PostgreSQL's jsonb cannot store ``value`` (parsed JSON), naming where, or None."""
-    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
-    while stack:
-        item, path, depth = stack.pop()
-        where = f" at {path}" if path else ""
-        if isinstance(item, dict | list):
-            if depth >= max_depth:
-                return f"it is nested more than {max_depth} levels deep{where}: flatten it."
-            pairs = item.items() if isinstance(item, dict) else enumerate(item)
-            for key, child in pairs:
-                if isinstance(key, str) and (problem := text_problem(key, f" of a key{where}")):
-                    return problem
-                stack.append((child, f"{path}[{json.dumps(key)[:40]}]", depth + 1))
-        elif isinstance(item, str):
-            if problem := text_problem(item, where):
-                return problem
-        elif isinstance(item, float) and not math.isfinite(item):
-            return f"the number{where} is too large for JSON (it reads as infinity): write it as a string."
-    return None
+    problem = jsonsafe.find_problem(text)
+    return None if problem is None else f"it contains {problem.detail.removesuffix(' of the string')}. {problem.hint}"
 
 
 def loads_storable_json(text: str) -> Any:
-    """``text`` parsed as JSON that PostgreSQL can store.
+    """``text`` parsed as JSON that PostgreSQL can store (the client's own rules, ``jsonsafe``).
 
     Raises ``UnstorableJSON`` naming what to fix (NaN, Infinity, too deep, NUL, lone surrogates) and
     ``ValueError`` (``json.JSONDecodeError``) for text that is not JSON at all.
@@ -182,10 +146,10 @@ def loads_storable_json(text: str) -> Any:
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
     except RecursionError:
-        raise UnstorableJSON(f"it is nested more than {MAX_JSON_DEPTH} levels deep: flatten it.") from None
-    problem = json_problem(value)
-    if problem:
-        raise UnstorableJSON(problem[0].upper() + problem[1:])
+        raise UnstorableJSON(f"It is nested more than {jsonsafe.MAX_DEPTH} levels deep: flatten it.") from None
+    problem = jsonsafe.find_problem(value)
+    if problem is not None:
+        raise UnstorableJSON(f"{str(problem)[0].upper()}{str(problem)[1:]}: {problem.hint}")
     return value
 
 

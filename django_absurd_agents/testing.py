@@ -41,6 +41,7 @@ __all__ = [
     "AbsurdTransactionTestCase",
     "ModelCalls",
     "RanTask",
+    "TransactionNotCommitted",
     "arun_tasks",
     "clean_queues",
     "count_model_calls",
@@ -65,7 +66,7 @@ class RanTask:
     error: BaseException | None = None
 
 
-class TestTransactionError(RuntimeError):
+class TransactionNotCommitted(RuntimeError):
     """A helper was asked to run tasks that the test's own open transaction hides from it."""
 
 
@@ -73,7 +74,7 @@ def _refuse_uncommitted(what: str) -> None:
     connection = connections[conf.get().database_alias]
     blocks = connection.atomic_blocks if connection.in_atomic_block else []
     if any(getattr(block, "_from_testcase", False) for block in blocks):
-        raise TestTransactionError(
+        raise TransactionNotCommitted(
             f"{what} runs tasks on the worker's own database connections, which cannot see what a TestCase's "
             "transaction has not committed (it never commits). Use TransactionTestCase, or pytest-django's "
             "transactional_db / @pytest.mark.django_db(transaction=True)."
@@ -121,6 +122,7 @@ def run_tasks(
     queues: Iterable[str] | None = None, *, max_tasks: int = DEFAULT_MAX_TASKS, app: ProjectAbsurd | None = None
 ) -> list[RanTask]:
     """Synchronous :func:`arun_tasks`, for ``TransactionTestCase`` methods and sync tests."""
+    _refuse_uncommitted("run_tasks()")  # here: arun_tasks runs in another thread, with another connection
     return async_to_sync(arun_tasks)(queues, max_tasks=max_tasks, app=app)
 
 

@@ -46,12 +46,12 @@ ROOT = Path(__file__).resolve().parent.parent
 MANAGE = ROOT / "example_project" / "manage.py"
 
 REPORT_STEPS = [
-    "analyst__model.request",
+    "analyst__model.request_stream",
     "analyst__function_toolset__<agent>.call_tool:company_figures",
     "analyst__function_toolset__<agent>.call_tool:recent_news",
-    "analyst__model.request#2",
+    "analyst__model.request_stream#2",
     "analyst__function_toolset__<agent>.call_tool:save_report",
-    "analyst__model.request#3",
+    "analyst__model.request_stream#3",
 ]
 
 
@@ -139,18 +139,20 @@ def test_an_invalid_form_spawns_nothing(client: Client) -> None:
 # --- following it ----------------------------------------------------------------------------
 
 
-def test_the_status_page_refreshes_until_done_then_shows_answer_steps_and_report(client: Client) -> None:
+def test_the_status_page_follows_the_run_live_then_shows_answer_steps_and_report(client: Client) -> None:
     client.post("/", {"company": "Acme Robotics", "question": "How is it doing?"})
     request = ReportRequest.objects.get()
     pending = client.get(f"/reports/{request.pk}/")
-    assert pending.status_code == 200
-    assert b'http-equiv="refresh"' in pending.content and b"pending" in pending.content
+    assert pending.status_code == 200 and b"pending" in pending.content
+    assert b'http-equiv="refresh"' not in pending.content  # no refreshing: live.js follows the run's events
+    assert f'data-live-events="/agents/tasks/{request.task_id}/events"'.encode() in pending.content
+    assert b"/static/analyst/live.js" in pending.content
 
     drain(task_done(request.task_id))
 
     done = client.get(f"/reports/{request.pk}/")
     html = done.content.decode()
-    assert b'http-equiv="refresh"' not in done.content
+    assert "data-live-events" not in html
     report = Report.objects.get(task_id=request.task_id)
     assert f"I saved report #{report.pk}" in html
     assert f"Report #{report.pk}: {report.title}" in html
@@ -173,9 +175,26 @@ def test_the_async_view_returns_the_same_progress_as_json(client: Client) -> Non
     assert client.get("/reports/999999.json").status_code == 404
 
 
+def test_anyone_may_follow_a_report_task_but_not_someone_elses_chat(client: Client, settings: Any) -> None:
+    settings.ABSURD_AGENTS = {**settings.ABSURD_AGENTS, "EVENTS_ACCESS": "analyst.access.can_read_events"}
+    request = request_report("Initech Software", "Should I worry?")
+    drain(task_done(request.task_id))
+    stream = client.get(f"/agents/tasks/{request.task_id}/events")  # anonymous: the report pages are public
+    assert stream.status_code == 200
+    body = b"".join(stream.streaming_content).decode()
+    assert "event: function_tool_call" in body and "event: part_delta" in body and body.endswith('"completed"}\n\n')
+
+    owner = User.objects.create_user("owner")
+    turn = Conversation.objects.create(agent="analyst_chat", owner=owner).send("How is Globex doing?")
+    assert client.get(f"/agents/tasks/{turn.task_id}/events").status_code == 403
+    client.force_login(owner)
+    assert client.get(f"/agents/tasks/{turn.task_id}/events").status_code == 200
+
+
 def test_step_labels() -> None:
     assert step_label("analyst__model.request") == "model call 1"
-    assert step_label("analyst__model.request#3") == "model call 3"
+    assert step_label("analyst__model.request_stream") == "model call 1"
+    assert step_label("analyst__model.request_stream#3") == "model call 3"
     assert step_label("analyst__function_toolset__<agent>.call_tool:save_report") == "tool save_report"
     assert step_label("analyst__function_toolset__<agent>.call_tool:quote#2") == "tool quote (call 2)"
     assert step_label("load_history") == "load_history"
@@ -194,14 +213,16 @@ def test_chat_sends_turns_and_shows_answers_that_remember_the_conversation(clien
 
     assert client.post(f"/chat/{conversation.pk}/", {"message": "How is Globex doing?"}).status_code == 302
     waiting = client.get(f"/chat/{conversation.pk}/")
-    assert b'http-equiv="refresh"' in waiting.content and b"How is Globex doing?" in waiting.content
+    pending_turn = Turn.objects.get()
+    assert b"How is Globex doing?" in waiting.content
+    assert f'data-live-events="/agents/tasks/{pending_turn.task_id}/events"'.encode() in waiting.content
     drain(lambda: all(turn.is_terminal for turn in Turn.objects.all()))
 
     client.post(f"/chat/{conversation.pk}/", {"message": "What should I watch there?"})
     drain(lambda: all(turn.is_terminal for turn in Turn.objects.all()))
 
     page = client.get(f"/chat/{conversation.pk}/").content.decode()
-    assert b'http-equiv="refresh"' not in page.encode()
+    assert "data-live-events" not in page
     first, second = Turn.objects.filter(conversation=conversation).order_by("sequence")
     assert first.state == second.state == "completed"
     assert first.output.startswith("Globex Energy (Utilities) made $2,310M")

@@ -33,7 +33,7 @@ from analyst.models import Report
 from analyst.reports import Progress, Step, load_progress, task_queue
 from django_absurd_agents.conf import get as agent_settings
 
-FIRST_MODEL_STEP = "analyst__model.request"
+FIRST_MODEL_STEP = "analyst__model.request_stream"  # streamed: the agent logs its events
 POLL_SECONDS = 0.05
 MANAGE_PY = Path(__file__).resolve().parent.parent / "manage.py"
 

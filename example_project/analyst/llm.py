@@ -1,8 +1,10 @@
 """The analyst's model: an offline scripted stand-in by default, a real LLM when asked for.
 
 * Default: ``scripted_analyst``, a pydantic-ai ``FunctionModel`` that behaves like a careful analyst
-  (look up figures and news, save one report, answer) after a pause of ``EXAMPLE_MODEL_DELAY``
-  seconds (default 1.5) per call, so a run takes as long as a real one. No key, no network.
+  (look up figures and news, save one report, answer). Each call takes ``EXAMPLE_MODEL_DELAY``
+  seconds (default 1.5), so a run takes as long as a real one: it thinks for a while, then streams
+  its text a word at a time (the agents log their events, which makes their requests streamed). No
+  key, no network.
 * ``EXAMPLE_MODEL=openai:gpt-5.2`` (any pydantic-ai model name) with the provider's key in the
   environment (``OPENAI_API_KEY``) uses that model instead; install its extra first
   (``pip install "pydantic-ai-slim[openai]"``).
@@ -18,6 +20,9 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +36,11 @@ from pydantic_ai.messages import (
     ToolReturnPart,
     UserPromptPart,
 )
-from pydantic_ai.models import Model, ModelRequestParameters, infer_model
-from pydantic_ai.models.function import AgentInfo, FunctionDef, FunctionModel
+from pydantic_ai.models import Model, ModelRequestParameters, StreamedResponse, infer_model
+from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionDef, FunctionModel
 from pydantic_ai.models.wrapper import WrapperModel
 from pydantic_ai.settings import ModelSettings
+from pydantic_ai.tools import RunContext
 
 from analyst.market import COMPANIES, mentioned_company
 
@@ -125,19 +131,73 @@ class CountedModel(WrapperModel):
         model_request_parameters: ModelRequestParameters,
     ) -> ModelResponse:
         response = await super().request(messages, model_settings, model_request_parameters)
-        number = sum(isinstance(message, ModelResponse) for message in messages) + 1
-        log_call("model", str(number))
+        log_call("model", str(_number(messages)))
         return response
+
+    @asynccontextmanager
+    async def request_stream(
+        self,
+        messages: list[ModelMessage],
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+        run_context: RunContext[object] | None = None,
+    ) -> AsyncIterator[StreamedResponse]:
+        async with super().request_stream(messages, model_settings, model_request_parameters, run_context) as stream:
+            yield stream
+        log_call("model", str(_number(messages)))  # once the whole response was streamed
+
+
+def _number(messages: list[ModelMessage]) -> int:
+    return sum(isinstance(message, ModelResponse) for message in messages) + 1
 
 
 def build_model(scripted: FunctionDef) -> Model:
     """The model ``EXAMPLE_MODEL`` names, else ``scripted`` as a ``FunctionModel``; counted either way."""
     name = model_name()
     if name == SCRIPTED:
-        return CountedModel(
-            FunctionModel(scripted, model_name="scripted-" + scripted.__name__.removeprefix("scripted_"))
-        )
+        model_id = "scripted-" + scripted.__name__.removeprefix("scripted_")
+        return CountedModel(FunctionModel(scripted, stream_function=streamed(scripted), model_name=model_id))
     return CountedModel(infer_model(name))
+
+
+# --- thinking, then streaming ---------------------------------------------------------------------
+
+THINKING_SHARE = 0.4
+"""Of a streamed call's delay, the part spent before the first word; the rest paces the words."""
+
+_thinking: ContextVar[float] = ContextVar("analyst_thinking_share", default=1.0)
+
+
+async def think() -> None:
+    """The scripted model's pause before it answers: the whole delay, or its thinking share when streamed."""
+    await asyncio.sleep(model_delay() * _thinking.get())
+
+
+def streamed(scripted: FunctionDef) -> Callable[[list[ModelMessage], AgentInfo], AsyncIterator[str | DeltaToolCalls]]:
+    """``scripted`` as a stream: it thinks, then tool calls come out whole and text a word at a time."""
+
+    async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str | DeltaToolCalls]:
+        token = _thinking.set(THINKING_SHARE)
+        try:
+            response = await scripted(messages, info)  # type: ignore[misc]
+        finally:
+            _thinking.reset(token)
+        for index, part in enumerate(response.parts):
+            if isinstance(part, ToolCallPart):
+                yield {
+                    index: DeltaToolCall(
+                        name=part.tool_name, json_args=part.args_as_json_str(), tool_call_id=part.tool_call_id
+                    )
+                }
+            elif isinstance(part, TextPart):
+                words = re.findall(r"\S+\s*", part.content)
+                pause = model_delay() * (1 - THINKING_SHARE) / max(len(words), 1)
+                for word in words:
+                    await asyncio.sleep(pause)
+                    yield word
+
+    stream.__name__ = f"streamed_{scripted.__name__}"
+    return stream
 
 
 # --- the scripted analyst ----------------------------------------------------------------------
@@ -201,7 +261,7 @@ def _summary(figures: dict[str, object], news: list[dict[str, str]]) -> tuple[st
 
 async def scripted_analyst(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
     """Look up the figures and the news, save one report, then answer; like a model, it only reads messages."""
-    await asyncio.sleep(model_delay())
+    await think()
     returns = _returns(messages)
     prompt = next(iter(_prompts(messages)), "")
     match = re.search(r"^Company:\s*(.+)$", prompt, re.MULTILINE)
@@ -232,7 +292,7 @@ async def scripted_analyst(messages: list[ModelMessage], info: AgentInfo) -> Mod
 
 async def scripted_chat(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
     """Chat about the company the question names, or the one the conversation was about; it reads the history."""
-    await asyncio.sleep(model_delay())
+    await think()
     prompts = _prompts(messages)
     company = next((found for text in reversed(prompts) if (found := mentioned_company(text))), None)
     if company is None:

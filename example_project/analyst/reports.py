@@ -53,12 +53,12 @@ def _load(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
-_MODEL_STEP = re.compile(r"__model\.request(?:#(?P<n>\d+))?$")
+_MODEL_STEP = re.compile(r"__model\.request(?:_stream)?(?:#(?P<n>\d+))?$")
 _TOOL_STEP = re.compile(r"\.call_tool:(?P<tool>[^#]+)(?:#(?P<n>\d+))?$")
 
 
 def step_label(name: str) -> str:
-    """``analyst__model.request#2`` -> ``model call 2``; ``...call_tool:save_report`` -> ``tool save_report``."""
+    """``analyst__model.request_stream#2`` -> ``model call 2``; ``...call_tool:save_report`` -> ``tool save_report``."""
     if match := _MODEL_STEP.search(name):
         return f"model call {match.group('n') or 1}"
     if match := _TOOL_STEP.search(name):

@@ -85,6 +85,7 @@ analyst = AbsurdAgent(
         tools=[company_figures, recent_news, save_report],
     ),
     absurd,
+    event_log=True,  # the status page streams the run's events live (docs/live-output.md)
 )
 
 analyst_chat = register_chat_agent(
@@ -96,6 +97,7 @@ analyst_chat = register_chat_agent(
             tools=[company_figures, recent_news],
         ),
         absurd,
+        event_log=True,  # the chat page streams each answer as it is written
     )
 )
 

@@ -2,7 +2,9 @@
 
 ``ask``, ``status`` and the chat views are plain sync views, the way most Django code is written:
 spawns happen on Django's own connection inside the request's transaction. ``report_progress`` is
-the status page's data as JSON from an async view, to show that style too.
+the status page's data as JSON from an async view, to show that style too. The pages follow a running
+task live through the app's Server-Sent Events view (``/agents/tasks/<id>/events``, read by
+``static/analyst/live.js``) instead of refreshing.
 """
 
 from __future__ import annotations
@@ -24,8 +26,6 @@ from django_absurd_agents.models import Conversation, Turn
 
 CHAT_AGENT = "analyst_chat"
 
-REFRESH_SECONDS = 2
-
 
 def ask(request: HttpRequest) -> HttpResponse:
     form = AskForm(request.POST or None)
@@ -43,7 +43,6 @@ def status(request: HttpRequest, pk: int) -> HttpResponse:
         "report_request": report_request,
         "progress": progress,
         "reports": reports_for(str(report_request.task_id)) if report_request.task_id else [],
-        "refresh": REFRESH_SECONDS if progress is None or not progress.done else None,
     }
     return render(request, "analyst/status.html", context)
 
@@ -88,19 +87,12 @@ def new_chat(request: HttpRequest) -> HttpResponse:
 
 @login_required(login_url="admin:login")
 def chat(request: HttpRequest, pk: uuid.UUID) -> HttpResponse:
-    """A conversation: each message sent is a turn, answered by a durable task; the page refreshes until it is."""
+    """A conversation: each message sent is a turn, answered by a durable task; live.js streams the answer."""
     conversation = get_object_or_404(own_conversations(request), pk=pk)
     form = ChatForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         conversation.send(form.cleaned_data["message"])
         return redirect("analyst:chat", pk=conversation.pk)
     turns = list(Turn.objects.filter(conversation=conversation).order_by("sequence"))
-    waiting = any(not turn.is_terminal for turn in turns)
-    context = {
-        "conversation": conversation,
-        "turns": turns,
-        "form": form,
-        "companies": COMPANIES,
-        "refresh": REFRESH_SECONDS if waiting else None,
-    }
+    context = {"conversation": conversation, "turns": turns, "form": form, "companies": COMPANIES}
     return render(request, "analyst/chat.html", context)

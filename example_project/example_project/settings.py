@@ -68,6 +68,8 @@ ABSURD_AGENTS = {
     "QUEUES": ["agents"],
     # A worker that dies mid-task is noticed within this many seconds; `make demo` passes 3.
     "CLAIM_TIMEOUT": 30,
+    # The report pages are public, so anyone may follow a report task's events (analyst/access.py).
+    "EVENTS_ACCESS": "analyst.access.can_read_events",
 }
 
 AUTH_PASSWORD_VALIDATORS: list[dict[str, str]] = []  # the demo superuser is admin/admin

@@ -1,5 +1,9 @@
 """``manage.py serve`` (``make serve``): the development server and a worker, started and stopped together.
 
+The server is uvicorn serving ``example_project.asgi`` when uvicorn is installed (``make install``
+installs it), so the live pages' event streams are coroutines on one event loop; otherwise Django's
+``runserver`` (WSGI), where each open stream holds a thread.
+
 Why a command and not two terminals: a newcomer should see a task spawned on a page get picked up
 without knowing that a worker exists yet. Why this process stays in charge:
 
@@ -7,7 +11,7 @@ without knowing that a worker exists yet. Why this process stays in charge:
   were loaded, so this process owns it and both children find it running and share it. It stops
   when this process exits, which is after both children have.
 * Each child runs in a process group of its own, so Ctrl-C reaches only this process, which then
-  stops each child exactly once the way it expects: SIGINT for runserver (its autoreloader and the
+  stops each child exactly once the way it expects: SIGINT for the web server (its reloader and the
   server it restarts are in that group), SIGTERM for the worker (a graceful stop; a second signal
   would make it exit at once).
 * If either child exits, the other is stopped too: a site without a worker would leave every task
@@ -17,6 +21,7 @@ without knowing that a worker exists yet. Why this process stays in charge:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -38,20 +43,20 @@ class Command(BaseCommand):
     help = "Run the development server and an Absurd worker together; Ctrl-C stops both."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("addrport", nargs="?", default="127.0.0.1:8000", help="Where runserver listens.")
-        parser.add_argument("--noreload", action="store_true", help="Pass --noreload to runserver.")
+        parser.add_argument("addrport", nargs="?", default="127.0.0.1:8000", help="Where the web server listens.")
+        parser.add_argument("--noreload", action="store_true", help="Do not restart the web server on code changes.")
 
     def handle(self, *args: Any, **options: Any) -> None:
         call_command("migrate", verbosity=0, interactive=False)
         manage = str(Path(__file__).resolve().parents[3] / "manage.py")
-        runserver = [sys.executable, manage, "runserver", options["addrport"]]
-        if options["noreload"]:
-            runserver.append("--noreload")
+        runserver, server_name = web_server(manage, options["addrport"], reload=not options["noreload"])
         worker = [sys.executable, manage, "absurd_worker"]
 
         queues = ", ".join(agent_settings().all_queues)
         self.stdout.write(
-            self.style.MIGRATE_HEADING(f"Serving http://{options['addrport']}/ and a worker for queue(s) {queues}.")
+            self.style.MIGRATE_HEADING(
+                f"Serving http://{options['addrport']}/ ({server_name}) and a worker for queue(s) {queues}."
+            )
         )
         self.stdout.write("The admin is at /admin/ (make demo creates admin / admin). Ctrl-C stops both.\n")
 
@@ -59,7 +64,7 @@ class Command(BaseCommand):
         children: list[tuple[str, subprocess.Popen[bytes], signal.Signals]] = []
         try:
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            children.append(("runserver", subprocess.Popen(runserver, env=env, process_group=0), signal.SIGINT))
+            children.append(("web server", subprocess.Popen(runserver, env=env, process_group=0), signal.SIGINT))
             children.append(("worker", subprocess.Popen(worker, env=env, process_group=0), signal.SIGTERM))
             self.stderr.write(f"{wait_for_any(children)}; stopping the rest.")
         except StopServing:
@@ -72,6 +77,23 @@ class Command(BaseCommand):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         self.stdout.write("Stopped.")
+
+
+def web_server(manage: str, addrport: str, *, reload: bool) -> tuple[list[str], str]:
+    """The web server's command: uvicorn on the ASGI application if installed, else runserver."""
+    if importlib.util.find_spec("uvicorn") is None:
+        command = [sys.executable, manage, "runserver", addrport]
+        return ([*command, "--noreload"] if not reload else command), "runserver, WSGI"
+    host, _, port = addrport.rpartition(":")
+    command = [
+        sys.executable, "-m", "uvicorn", "example_project.asgi:application",
+        "--app-dir", str(Path(manage).parent), "--host", host or "127.0.0.1", "--port", port,
+        # Open event streams are closed at Ctrl-C instead of holding the server up.
+        "--timeout-graceful-shutdown", "2", "--log-level", "warning",
+    ]  # fmt: skip
+    if reload:
+        command += ["--reload", "--reload-dir", str(Path(manage).parent)]
+    return command, "uvicorn, ASGI"
 
 
 class StopServing(Exception):

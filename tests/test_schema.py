@@ -279,12 +279,8 @@ def test_two_migrates_at_the_same_moment_on_a_fresh_database_both_succeed(scratc
     assert queues_of(scratch_db) == ["agents", "other"]
     duplicates = fetch(scratch_db, "select app, name from django_migrations group by 1, 2 having count(*) > 1")
     assert duplicates == []
-    assert applied(scratch_db) == [
-        "0001_absurd_schema",
-        "0002_task_permissions",
-        "0003_conversations",
-        "0004_absurd_overview",
-    ]
+    shipped = sorted(path.stem for path in (Path(schema.__file__).parent / "migrations").glob("0*.py"))
+    assert applied(scratch_db) == shipped  # each applied once, none missing
 
 
 INSTALL_IN_A_TRANSACTION = """

@@ -34,6 +34,8 @@ DEFAULTS: dict[str, Any] = {
     "POLL_INTERVAL": 0.5,
     "SHUTDOWN_GRACE": 30.0,
     "HEARTBEAT_FILE": None,
+    # Seconds between two refreshes of a worker's row in the worker table (the admin's worker list).
+    "WORKER_HEARTBEAT": 5.0,
     # Seconds a task whose name no worker has registered is put back (no attempt used) before it fails
     # for good: a rolling deploy spawns tasks that only the new workers know.
     "UNKNOWN_TASK_GRACE": 900,
@@ -44,12 +46,12 @@ DEFAULTS: dict[str, Any] = {
     "DIRECT_DATABASE_URL": None,
     # ``migrate absurd_agents zero`` drops the schema (and every task in it) only when this is True.
     "ALLOW_SCHEMA_DROP": False,
+    # Hook name -> {"SECRET", "SCHEME", "EVENT", ...}: POST /agents/hooks/<name> emits an event (webhooks.py).
+    "WEBHOOKS": {},
     # Who may read a task's event log over HTTP: None for the built-in rule (the view permission on
     # tasks, or owning the task's conversation), else a callable (or its dotted path) taking
     # (request, task_id) and returning a bool, or an awaitable of one (see docs/live-output.md).
     "EVENTS_ACCESS": None,
-    # Hook name -> {"SECRET", "SCHEME", "EVENT", ...}: POST /agents/hooks/<name> emits an event (webhooks.py).
-    "WEBHOOKS": {},
 }
 
 QUEUE_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -95,6 +97,7 @@ class AgentsSettings:
     poll_interval: float
     shutdown_grace: float
     heartbeat_file: str | None
+    worker_heartbeat: float
     unknown_task_grace: float
     max_connection_handbacks: int
     direct_database_url: str | None
@@ -147,6 +150,7 @@ def _build() -> AgentsSettings:
         poll_interval=float(merged["POLL_INTERVAL"]),
         shutdown_grace=float(merged["SHUTDOWN_GRACE"]),
         heartbeat_file=merged["HEARTBEAT_FILE"],
+        worker_heartbeat=float(merged["WORKER_HEARTBEAT"]),
         unknown_task_grace=float(merged["UNKNOWN_TASK_GRACE"]),
         max_connection_handbacks=int(merged["MAX_CONNECTION_HANDBACKS"]),
         direct_database_url=merged["DIRECT_DATABASE_URL"] or None,

@@ -20,6 +20,7 @@ from django.db import models
 # Conversations live in a module of their own, with the code that works on them; imported here so that
 # Django registers them and ``from django_absurd_agents.models import Conversation`` goes on working.
 from django_absurd_agents.conversation_models import Conversation, Entry, Turn  # noqa: F401
+from django_absurd_agents.worker_record import Worker  # noqa: F401
 
 
 class AbsurdTask(models.Model):

@@ -29,8 +29,9 @@ from typing import Any
 
 import psycopg
 from absurd_sdk import ClaimedTask
+from django.utils import timezone
 
-from django_absurd_agents import sdk
+from django_absurd_agents import conf, sdk, worker_record
 from django_absurd_agents.client import ProjectAbsurd, absurd
 from django_absurd_agents.execution import execute_claimed
 from django_absurd_agents.liveness import heartbeat_age, write_heartbeat
@@ -110,6 +111,9 @@ class Worker:
         self._signalled: asyncio.Event | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._cut_off = 0
+        self._done = 0
+        self._last_error = ""
+        self._started_at = timezone.now()
 
     def _free_slots(self) -> int:
         free = self.config.concurrency - len(self._executions) - self._reserved
@@ -173,11 +177,13 @@ class Worker:
         self._queues = [self._make_queue(name) for name in self.config.queues]
         heartbeat: asyncio.Task[None] | None = None
         listener: asyncio.Task[None] | None = None
+        recorder: asyncio.Task[None] | None = None
         try:
             if not await self._wait_for_database():
                 return 0
             log_banner(self.config, sdk.registry(self.app))
             heartbeat = asyncio.create_task(self._heartbeat_loop())
+            recorder = asyncio.create_task(self._record_loop())
             by_name = {queue.name: queue for queue in self._queues}
             listener = asyncio.create_task(listen_for_spawns(self.config.queues, lambda q: by_name[q].spawned.set()))
             claimers = [asyncio.create_task(self._claim_loop(queue)) for queue in self._queues]
@@ -188,12 +194,14 @@ class Worker:
             logger.info("Worker %s stopped after %d task(s).", self.config.worker_id, self._claimed)
             return 0
         finally:
-            for background in (heartbeat, listener):
+            for background in (heartbeat, listener, recorder):
                 if background is not None:
                     background.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await background
             self._remove_heartbeat()
+            if recorder is not None:
+                await self._leave()
             for queue in self._queues:
                 for client in (queue.claimer, *queue.executors):
                     with contextlib.suppress(Exception):
@@ -349,7 +357,10 @@ class Worker:
             log_unrecorded(task, queue.name, exc, execution.duration, self.config.claim_timeout)
         else:
             log_end(task, queue.name, ended.outcome, ended.error, execution.duration)
+            if ended.error is not None:
+                self._last_error = f"{task['task_name']} {task['task_id']}: {one_line(ended.error)}"
         finally:
+            self._done += 1
             queue.running[index] -= 1
             self._executions.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             await self._notify()
@@ -433,6 +444,36 @@ class Worker:
                 else:
                     failing = False
             await asyncio.sleep(self.config.poll_interval)
+
+    async def _record_loop(self) -> None:
+        """Keep this worker's row in the worker table fresh (``worker_record.py``)."""
+        interval = conf.get().worker_heartbeat
+        failing = False
+        while True:
+            report = {
+                "worker_id": self.config.worker_id,
+                "pid": os.getpid(),
+                "queues": self.config.queues,
+                "concurrency": self.config.concurrency,
+                "interval": interval,
+                "started": self._started_at,
+                "in_flight": len(self._executions),
+                "done": self._done,
+                "last_error": self._last_error,
+            }
+            try:
+                await worker_record.beat(await self._queues[0].claimer.live_connection(), report)
+            except Exception as exc:  # the claim loop reports database trouble; this only retries
+                if not failing:
+                    logger.warning("Cannot record this worker in the worker table: %s", one_line(exc))
+                failing = True
+            else:
+                failing = False
+            await asyncio.sleep(interval)
+
+    async def _leave(self) -> None:
+        with contextlib.suppress(Exception):
+            await worker_record.leave(await self._queues[0].claimer.live_connection(), self.config.worker_id)
 
     def _remove_heartbeat(self) -> None:
         if self.config.heartbeat_file:

@@ -706,3 +706,41 @@ def test_an_idle_worker_claims_a_spawn_at_once_not_at_its_next_poll(
     [task_id] = spawn("worker_record")
     # With a 10-minute poll interval only the notification can wake the worker within the deadline.
     wait_until(lambda: all_in_state([task_id], "completed"), "the spawned task to run", timeout=30)
+
+
+@pytest.mark.slow
+def test_workers_record_themselves_and_a_killed_one_shows_as_gone_then_is_pruned(
+    env: dict[str, str], settings_dir: Path, tmp_path: Path
+) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from django_absurd_agents.models import Worker
+
+    fast = with_settings(env, settings_dir, "fast_beat_settings", "'WORKER_HEARTBEAT': 0.2")
+    stale = Worker.objects.create(
+        worker_id="long-dead:1", host="old", pid=1, queues=["agents"], concurrency=1, version="0",
+        heartbeat_interval=5, started=timezone.now() - timedelta(days=2),
+        last_heartbeat=timezone.now() - timedelta(days=1),
+    )  # fmt: skip
+    clean = WorkerProcess(fast, tmp_path / "clean.log", *FAST, "--worker-id", "clean:1")
+    killed = WorkerProcess(fast, tmp_path / "killed.log", *FAST, "--worker-id", "killed:1", "--concurrency", "3")
+    try:
+        wait_until(lambda: set(Worker.objects.values_list("pk", flat=True)) == {"clean:1", "killed:1"}, "both rows")
+        assert not Worker.objects.filter(pk=stale.pk).exists()  # pruned by a live worker's heartbeat
+        [task_id] = spawn("worker_record", {"sleep": 0})
+        wait_until(lambda: all_in_state([task_id], "completed"), "the task")
+        wait_until(lambda: sum(Worker.objects.values_list("tasks_done", flat=True)) == 1, "the count of tasks done")
+        row = Worker.objects.get(pk="killed:1")
+        assert row.status == "alive" and row.concurrency == 3 and row.queues == ["agents", "other"]
+        killed.process.kill()
+        killed.process.wait()
+        wait_until(lambda: Worker.objects.get(pk="killed:1").status == "gone", "the killed worker to show as gone")
+        assert Worker.objects.get(pk="clean:1").status == "alive"
+        clean.signal(signal.SIGTERM)
+        assert clean.wait() == 0
+        assert not Worker.objects.filter(pk="clean:1").exists()  # a clean exit removes its row
+    finally:
+        clean.close()
+        killed.close()

@@ -36,6 +36,12 @@ DEFAULTS: dict[str, Any] = {
     "HEARTBEAT_FILE": None,
     # Seconds between two refreshes of a worker's row in the worker table (the admin's worker list).
     "WORKER_HEARTBEAT": 5.0,
+    # Name -> {"task", "cron", "params", "queue", "max_attempts"}: spawned by ``absurd_worker --schedule``.
+    "SCHEDULES": {},
+    # Cron of the built-in ``absurd_cleanup`` schedule (UTC); None turns it off.
+    "CLEANUP_SCHEDULE": "17 3 * * *",
+    # Seconds of missed occurrences a scheduler catches up on when it starts again.
+    "SCHEDULE_CATCH_UP": 3600,
     # Seconds a task whose name no worker has registered is put back (no attempt used) before it fails
     # for good: a rolling deploy spawns tasks that only the new workers know.
     "UNKNOWN_TASK_GRACE": 900,
@@ -98,6 +104,9 @@ class AgentsSettings:
     shutdown_grace: float
     heartbeat_file: str | None
     worker_heartbeat: float
+    schedules: dict[str, Any]
+    cleanup_schedule: str | None
+    schedule_catch_up: float
     unknown_task_grace: float
     max_connection_handbacks: int
     direct_database_url: str | None
@@ -151,6 +160,9 @@ def _build() -> AgentsSettings:
         shutdown_grace=float(merged["SHUTDOWN_GRACE"]),
         heartbeat_file=merged["HEARTBEAT_FILE"],
         worker_heartbeat=float(merged["WORKER_HEARTBEAT"]),
+        schedules=dict(merged["SCHEDULES"] or {}),
+        cleanup_schedule=merged["CLEANUP_SCHEDULE"] or None,
+        schedule_catch_up=float(merged["SCHEDULE_CATCH_UP"]),
         unknown_task_grace=float(merged["UNKNOWN_TASK_GRACE"]),
         max_connection_handbacks=int(merged["MAX_CONNECTION_HANDBACKS"]),
         direct_database_url=merged["DIRECT_DATABASE_URL"] or None,

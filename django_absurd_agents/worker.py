@@ -31,7 +31,7 @@ import psycopg
 from absurd_sdk import ClaimedTask
 from django.utils import timezone
 
-from django_absurd_agents import conf, sdk, worker_record
+from django_absurd_agents import conf, schedules, sdk, worker_record
 from django_absurd_agents.client import ProjectAbsurd, absurd
 from django_absurd_agents.execution import execute_claimed
 from django_absurd_agents.liveness import heartbeat_age, write_heartbeat
@@ -178,12 +178,16 @@ class Worker:
         heartbeat: asyncio.Task[None] | None = None
         listener: asyncio.Task[None] | None = None
         recorder: asyncio.Task[None] | None = None
+        scheduler: asyncio.Task[None] | None = None
         try:
             if not await self._wait_for_database():
                 return 0
             log_banner(self.config, sdk.registry(self.app))
             heartbeat = asyncio.create_task(self._heartbeat_loop())
             recorder = asyncio.create_task(self._record_loop())
+            if self.config.schedule:
+                assert self._stop_event is not None
+                scheduler = asyncio.create_task(schedules.run_scheduler(self.app, self._stop_event))
             by_name = {queue.name: queue for queue in self._queues}
             listener = asyncio.create_task(listen_for_spawns(self.config.queues, lambda q: by_name[q].spawned.set()))
             claimers = [asyncio.create_task(self._claim_loop(queue)) for queue in self._queues]
@@ -194,7 +198,7 @@ class Worker:
             logger.info("Worker %s stopped after %d task(s).", self.config.worker_id, self._claimed)
             return 0
         finally:
-            for background in (heartbeat, listener, recorder):
+            for background in (heartbeat, listener, recorder, scheduler):
                 if background is not None:
                     background.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

@@ -16,7 +16,7 @@ from typing import Any
 
 from django.utils.module_loading import autodiscover_modules
 
-from django_absurd_agents import conf
+from django_absurd_agents import conf, schedules
 from django_absurd_agents.worker_log import one_line
 
 MAX_CONCURRENCY = 10_000
@@ -64,6 +64,8 @@ class WorkerConfig:
     shutdown_grace: float
     worker_id: str
     burst: bool = False
+    schedule: bool = False
+    """Also spawn the due occurrences of ``ABSURD_AGENTS["SCHEDULES"]`` (``schedules.py``)."""
     max_tasks: int | None = None
     heartbeat_file: str | None = None
     connections: int = 0
@@ -80,6 +82,7 @@ class WorkerConfig:
         shutdown_grace: float | None = None,
         worker_id: str | None = None,
         burst: bool = False,
+        schedule: bool = False,
         max_tasks: int | None = None,
         heartbeat_file: str | None = None,
         connections: int | None = None,
@@ -95,6 +98,7 @@ class WorkerConfig:
             queues=tuple(dict.fromkeys(queues or ())) or settings.all_queues,
             worker_id=worker_id or f"{socket.gethostname()}:{os.getpid()}",
             burst=burst,
+            schedule=schedule,
             max_tasks=max_tasks,
             heartbeat_file=heartbeat_file or settings.heartbeat_file,
             connections=connections or 0,
@@ -109,6 +113,11 @@ class WorkerConfig:
             if problem:
                 raise WorkerError(problem)
         check_ranges({name: getattr(self, name) for name, *_ in _RANGES}, {name for name, *_ in _RANGES})
+        if self.schedule:
+            try:
+                schedules.configured()
+            except schedules.ScheduleError as exc:
+                raise WorkerError(str(exc)) from exc
         if self.max_tasks is not None and self.max_tasks < 1:
             raise WorkerError(f"--max-tasks must be at least 1, not {self.max_tasks}.")
         if self.connections < 0:

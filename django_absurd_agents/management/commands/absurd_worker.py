@@ -56,6 +56,11 @@ class Command(BaseCommand):
         )
         parser.add_argument("--worker-id", help="Name recorded on claimed runs (default host:pid).")
         parser.add_argument("--burst", action="store_true", help="Run what is waiting, then exit 0.")
+        parser.add_argument(
+            "--schedule",
+            action="store_true",
+            help="Also spawn the due occurrences of ABSURD_AGENTS['SCHEDULES'] (any number of workers may).",
+        )
         parser.add_argument("--max-tasks", type=int, help="Exit after claiming this many tasks (and finishing them).")
         parser.add_argument(
             "--heartbeat-file",
@@ -75,6 +80,7 @@ class Command(BaseCommand):
                 shutdown_grace=options["shutdown_grace"],
                 worker_id=options["worker_id"],
                 burst=options["burst"],
+                schedule=options["schedule"],
                 max_tasks=options["max_tasks"],
                 heartbeat_file=options["heartbeat_file"],
             )

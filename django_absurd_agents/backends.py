@@ -53,6 +53,8 @@ try:  # Django >= 6.0
     from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
     from django.tasks.signals import task_enqueued, task_finished, task_started
     from django.utils.json import normalize_json
+
+    _SIGNALS_MODULE = "django.tasks.signals"
 except ImportError:  # Django 5.2 with the django-tasks backport
     from django_tasks import DEFAULT_TASK_QUEUE_NAME, task_backends  # type: ignore[no-redef,assignment]
     from django_tasks.backends.base import BaseTaskBackend  # type: ignore[no-redef,assignment]
@@ -68,6 +70,8 @@ except ImportError:  # Django 5.2 with the django-tasks backport
     from django_tasks.exceptions import TaskResultDoesNotExist  # type: ignore[no-redef,assignment]
     from django_tasks.signals import task_enqueued, task_finished, task_started  # type: ignore[no-redef]
     from django_tasks.utils import normalize_json  # type: ignore[no-redef]
+
+    _SIGNALS_MODULE = "django_tasks.signals"
 
 logger = logging.getLogger("django_absurd_agents.worker")
 
@@ -130,6 +134,7 @@ class AbsurdTaskBackend(BaseTaskBackend):
             self.queues = set()  # any queue of ABSURD_AGENTS, checked at enqueue (settings may change)
         self.max_attempts: int | None = self.options.get("MAX_ATTEMPTS")
         self.retry_strategy: dict[str, Any] | None = self.options.get("RETRY_STRATEGY")
+        self._validated: dict[Any, tuple[conf.AgentsSettings, str]] = {}
 
     def validate_task(self, task: Any) -> None:
         if task.priority != DEFAULT_TASK_PRIORITY:
@@ -146,8 +151,20 @@ class AbsurdTaskBackend(BaseTaskBackend):
                 f"`manage.py migrate` (known queues: {', '.join(known)})."
             )
 
-    def enqueue(self, task: Any, args: Any, kwargs: Any) -> Any:
+    def _checked_queue(self, task: Any) -> str:
+        """The task's Absurd queue once the task is valid; remembered per task while the settings stay."""
+        settings = conf.get()
+        known = self._validated.get(task) if task.run_after is None else None
+        if known is not None and known[0] is settings:
+            return known[1]
         self.validate_task(task)
+        queue = absurd_queue(task.queue_name)
+        if task.run_after is None:  # a task with run_after is a new object per call: not worth keeping
+            self._validated[task] = (settings, queue)
+        return queue
+
+    def enqueue(self, task: Any, args: Any, kwargs: Any) -> Any:
+        queue = self._checked_queue(task)
         result: Any = TaskResult(
             task=task,
             id="",
@@ -162,14 +179,14 @@ class AbsurdTaskBackend(BaseTaskBackend):
             errors=[],
             worker_ids=[],
         )
-        queue = absurd_queue(task.queue_name)
         spawn = {
             "task_name": task.module_path,
             "params": {"args": result.args, "kwargs": result.kwargs},
             "queue": queue,
             "max_attempts": self.max_attempts,
             "retry_strategy": self.retry_strategy,
-            "headers": {BACKEND_HEADER: self.alias},
+            # The worker runs the task through the alias its decorator names, unless told otherwise.
+            "headers": None if task.backend == self.alias else {BACKEND_HEADER: self.alias},
         }
         if task.run_after is None:
             spawned = absurd.spawn_sync(**spawn)
@@ -390,7 +407,7 @@ async def run_django_task(params: Any, ctx: AsyncTaskContext) -> Any:
         errors=[],
         worker_ids=list(worker_ids or []),
     )
-    await task_started.asend(sender, task_result=result)
+    await _send(task_started, sender, result)
     try:
         if task.takes_context:
             value = await task.acall(AbsurdTaskContext(task_result=result, absurd=ctx), *args, **kwargs)
@@ -403,13 +420,27 @@ async def run_django_task(params: Any, ctx: AsyncTaskContext) -> Any:
         object.__setattr__(result, "status", TaskResultStatus.FAILED)
         object.__setattr__(result, "finished_at", timezone.now())
         result.errors.append(TaskError(exception_class_path=_class_path(type(exc)), traceback=_traceback(exc)))
-        await task_finished.asend(sender, task_result=result)
+        await _send(task_finished, sender, result)  # inside the except: Django's log receiver logs the traceback
         raise
     object.__setattr__(result, "status", TaskResultStatus.SUCCESSFUL)
     object.__setattr__(result, "finished_at", timezone.now())
     object.__setattr__(result, "_return_value", value)
-    await task_finished.asend(sender, task_result=result)
+    await _send(task_finished, sender, result)
     return value
+
+
+async def _send(signal: Any, sender: type, result: Any) -> None:
+    """``signal.asend``, except that Django's own log receivers run here, without a trip to a thread.
+
+    ``asend`` runs sync receivers through ``sync_to_async`` (they may use the ORM); the only ones
+    connected by default are django.tasks' loggers, which touch no database.
+    """
+    sync_receivers, async_receivers = signal._live_receivers(sender)
+    if async_receivers or any(getattr(r, "__module__", None) != _SIGNALS_MODULE for r in sync_receivers):
+        await signal.asend(sender, task_result=result)
+        return
+    for receiver in sync_receivers:
+        receiver(signal=signal, sender=sender, task_result=result)
 
 
 def _class_path(cls: type) -> str:

@@ -3,14 +3,16 @@
 ``counter`` answers with every user prompt it has seen so far, so an answer proves which history
 its turn ran with. Model calls are logged to ``$CALL_LOG``; ``$CRASH_AT=chat:validated`` kills the
 process after the model answered and before the turn is written back. A prompt listed in
-``failing_prompts`` (or in ``$CHAT_FAIL``) makes the model raise.
+``failing_prompts`` (or in ``$CHAT_FAIL``) makes the model raise. ``cashier`` asks for a refund that
+a person must approve, so its turn ends waiting on the approval.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
-from pydantic_ai import Agent
+from pydantic_ai import Agent, DeferredToolRequests
 from pydantic_ai.messages import (
     ModelMessage,
     ModelRequest,
@@ -84,3 +86,32 @@ def lookup(city: str, days: int) -> dict[str, object]:
 
 
 forecaster = register_chat_agent(AbsurdAgent(tools_inner, absurd))
+
+
+async def refund_model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    """Asks for a refund (a tool that needs a person's approval), then reports what the tool said."""
+    returned = [part for part in messages[-1].parts if isinstance(part, ToolReturnPart)]
+    if returned:
+        return ModelResponse(parts=[TextPart(f"Refund: {returned[0].model_response_str()}")])
+    log_call("model:asks for a refund")
+    return ModelResponse(parts=[ToolCallPart("refund", {"eur": 40}, tool_call_id="refund-1")])
+
+
+cashier_inner = Agent(FunctionModel(refund_model), name="cashier", output_type=[str, DeferredToolRequests])
+
+
+@cashier_inner.tool_plain(requires_approval=True)
+def refund(eur: int) -> str:
+    """Refund the customer; a person approves each refund first."""
+    log_call(f"refund:{eur}")
+    return f"{eur} EUR refunded"
+
+
+cashier = register_chat_agent(AbsurdAgent(cashier_inner, absurd))
+
+
+@absurd.register_task(name="chat_history")
+async def chat_history(params: dict[str, Any], ctx: Any) -> Any:
+    """The seeds' pattern: a task returns ``result.all_messages()``; the next one passes it back."""
+    result = await counter.run(params["prompt"], message_history=params.get("history"))
+    return result.all_messages() if params.get("messages") else {"output": result.output}

@@ -197,7 +197,12 @@ class AbsurdTaskBackend(BaseTaskBackend):
                     cursor.execute(_defer_statement(queue), [task.run_after, spawned["run_id"]])
         object.__setattr__(result, "id", spawned["task_id"])
         object.__setattr__(result, "enqueued_at", timezone.now())
-        task_enqueued.send(type(self), task_result=result)
+        sync_receivers, async_receivers = task_enqueued._live_receivers(type(self))
+        if async_receivers or not _django_own(sync_receivers):
+            task_enqueued.send(type(self), task_result=result)
+        else:  # only django.tasks' logger: called as send() would, without its bookkeeping
+            for receiver in sync_receivers:
+                receiver(signal=task_enqueued, sender=type(self), task_result=result)
         return result
 
     def get_result(self, result_id: str) -> Any:
@@ -429,6 +434,11 @@ async def run_django_task(params: Any, ctx: AsyncTaskContext) -> Any:
     return value
 
 
+def _django_own(receivers: list[Any]) -> bool:
+    """Whether these are only the receivers django.tasks connects itself (loggers: no database, no I/O)."""
+    return all(getattr(receiver, "__module__", None) == _SIGNALS_MODULE for receiver in receivers)
+
+
 async def _send(signal: Any, sender: type, result: Any) -> None:
     """``signal.asend``, except that Django's own log receivers run here, without a trip to a thread.
 
@@ -436,7 +446,7 @@ async def _send(signal: Any, sender: type, result: Any) -> None:
     connected by default are django.tasks' loggers, which touch no database.
     """
     sync_receivers, async_receivers = signal._live_receivers(sender)
-    if async_receivers or any(getattr(r, "__module__", None) != _SIGNALS_MODULE for r in sync_receivers):
+    if async_receivers or not _django_own(sync_receivers):
         await signal.asend(sender, task_result=result)
         return
     for receiver in sync_receivers:

@@ -123,8 +123,10 @@ class AbsurdOperationBackend(JournalCallableOperationBackend[None]):
         if problem is not None:
             await _unrecordable(ctx, operation_id, name, f"{problem}. {problem.hint}")
         # Checked just now: the class's method skips the same check installed on a handler's context
-        # (task_context.check_context), which would walk the value a second time.
-        await type(ctx).complete_step(ctx, handle, value)
+        # (task_context.check_context), which would walk the value a second time. Events the run's log
+        # still buffers are written in the same statement as the checkpoint.
+        if not await log.complete_step(ctx, handle, value):
+            await type(ctx).complete_step(ctx, handle, value)
         record_durable_unit(executed=True)
         return value
 

@@ -5,17 +5,20 @@ appends every event of its runs inside a task to the ``AgentEvent`` table: the m
 start/delta/end and final-result events while the model streams (from inside the model request's
 step), tool calls and results, and the run's result. Each write is one multi-row ``INSERT`` that
 also sends a ``NOTIFY``, so readers (``event_stream.py``) wake up at once. Events are buffered and
-written every ``BATCH_INTERVAL`` seconds (and at the end of every step), so a token stream costs a
-few commits a second, not one per token; consecutive text deltas of one part are merged.
+written ``BATCH_INTERVAL`` seconds after the first of them, so a token stream costs a few commits a
+second, not one per token (consecutive text deltas of one part are written as one); whatever is
+buffered when a step ends is written by the statement that writes the step's checkpoint.
 
 What a reader assembles has each step's events exactly once, whatever the crashes:
 
-* A model step's events carry the step's checkpoint name and are committed before the step's
-  checkpoint is, so a completed step always has all of its events in the log.
+* A model step's events carry the step's checkpoint name and are committed no later than the
+  step's checkpoint (the last of them in the same statement), so a completed step always has all
+  of its events in the log.
 * A replay does not run completed steps, so their events are never written again. Events produced
   outside steps (tool calls and results, the run's result) are produced again by a replay; each
   has a ``position`` (its place in the task's execution, the same on every attempt) and a unique
-  index on it drops the copies.
+  index on it drops the copies. (The others' position is unique to the execution that wrote them:
+  a statement sent again after a reconnect writes nothing twice.)
 * When a new attempt starts, the events of steps that an earlier attempt did not complete (the
   model answer that was streaming when the worker died) are void: the attempt writes an
   ``attempt`` marker ``{"attempt": n, "discard_after": offset}``, and readers drop the entries
@@ -30,13 +33,14 @@ import itertools
 import json
 import logging
 import time
+import uuid
 import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
-from absurd_sdk import AsyncTaskContext, get_current_context
+from absurd_sdk import AsyncTaskContext, StepHandle, get_current_context
 from psycopg import sql
 from pydantic import TypeAdapter
 from pydantic_ai.agent import EventStreamHandler
@@ -120,44 +124,63 @@ class _Entry:
     event: Any  # a pydantic-ai event, or the dict of a marker
     step: str | None = None
     position: str | None = None
+    more: list[str] | None = None
+    """Content deltas merged into this one (a text or thinking delta), joined when it is written."""
+
+    def payload(self) -> str:
+        if isinstance(self.event, dict):
+            return json.dumps(self.event)
+        event = self.event
+        if self.more:
+            delta = event.delta
+            event = replace(event, delta=replace(delta, content_delta=delta.content_delta + "".join(self.more)))
+        return encode(event)
 
 
-def _merged(previous: _Entry, entry: _Entry) -> _Entry | None:
-    """One delta for two consecutive text (or thinking) deltas of the same part, when nothing else differs."""
+def _mergeable(event: Any) -> bool:
+    """A plain text or thinking delta: consecutive ones of the same part are written as one."""
+    if not isinstance(event, PartDeltaEvent):
+        return False
+    delta = event.delta
+    if isinstance(delta, TextPartDelta):
+        return delta.citations_delta is None and delta.provider_details is None
+    if isinstance(delta, ThinkingPartDelta):
+        return delta.content_delta is not None and delta.signature_delta is None and delta.provider_details is None
+    return False
+
+
+def _merge(previous: _Entry, entry: _Entry) -> bool:
+    """Fold ``entry`` into ``previous`` when both are plain deltas of the same part; whether it was."""
     a, b = previous.event, entry.event
-    if not (isinstance(a, PartDeltaEvent) and isinstance(b, PartDeltaEvent)) or previous.step != entry.step:
-        return None
-    if a.index != b.index or type(a.delta) is not type(b.delta):
-        return None
-    da, db = a.delta, b.delta
-    if not isinstance(da, TextPartDelta | ThinkingPartDelta) or not isinstance(db, TextPartDelta | ThinkingPartDelta):
-        return None
-    if da.provider_name != db.provider_name or da.provider_details is not None or db.provider_details is not None:
-        return None
-    if isinstance(da, TextPartDelta) and isinstance(db, TextPartDelta):
-        if da.citations_delta is not None or db.citations_delta is not None:
-            return None
-        return replace(previous, event=replace(a, delta=replace(da, content_delta=da.content_delta + db.content_delta)))
-    if isinstance(da, ThinkingPartDelta) and isinstance(db, ThinkingPartDelta):
-        if None in (da.content_delta, db.content_delta) or (da.signature_delta, db.signature_delta) != (None, None):
-            return None
-        content = (da.content_delta or "") + (db.content_delta or "")
-        return replace(previous, event=replace(a, delta=replace(da, content_delta=content)))
-    return None
+    if previous.step != entry.step or not (_mergeable(a) and _mergeable(b)):
+        return False
+    if a.index != b.index or type(a.delta) is not type(b.delta) or a.delta.provider_name != b.delta.provider_name:
+        return False
+    if previous.more is None:
+        previous.more = []
+    previous.more.append(b.delta.content_delta)
+    return True
 
 
 _INSERT = """
 with written as (
     insert into {table} (task_id, attempt, kind, step, position, payload, created)
-    select %s, %s, entry.kind, entry.step, entry.position, entry.payload::jsonb, clock_timestamp()
-    from unnest(%s::text[], %s::text[], %s::text[], %s::text[]) with ordinality
+    select %(task)s, %(attempt)s, entry.kind, entry.step, entry.position, entry.payload::jsonb, clock_timestamp()
+    from unnest(%(kinds)s::text[], %(steps)s::text[], %(positions)s::text[], %(payloads)s::text[]) with ordinality
         as entry(kind, step, position, payload, n)
     order by entry.n
     on conflict (task_id, position) where position is not null do nothing
     returning 1
+), notified as (
+    select pg_notify(%(channel)s, %(task)s::text) from (select 1 from written limit 1) as any_written
 )
-select pg_notify(%s, %s) from (select 1 from written limit 1) as any_written
 """
+_WRITE = _INSERT + "select count(*) from notified"
+_WRITE_WITH_CHECKPOINT = (
+    _INSERT
+    + "select absurd.set_task_checkpoint_state(%(queue)s, %(task)s, %(checkpoint)s, %(state)s, %(run)s, %(claim)s), "
+    "(select count(*) from notified)"
+)
 
 
 class EventLogWriter:
@@ -173,6 +196,8 @@ class EventLogWriter:
         self._timer: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
         self._positions = itertools.count(1)
+        self._execution = uuid.uuid4().hex[:12]
+        self._rows = itertools.count(1)
         self._started = False
 
     # --- starting an execution ----------------------------------------------------------------
@@ -212,10 +237,12 @@ class EventLogWriter:
             error, self._error = self._error, None
             raise error
         kind = str(getattr(event, "event_kind", "event"))
-        entry = _Entry(kind, event, step, str(next(self._positions)) if positioned else None)
-        if self._entries and (merged := _merged(self._entries[-1], entry)) is not None:
-            self._entries[-1] = merged
-        else:
+        # Events produced outside steps are produced again by a replay, at the same place: their position
+        # is that place, so the copy is dropped. The others' is unique to this execution, so a statement
+        # sent again after a reconnect does not write them twice either.
+        position = f"w{next(self._positions)}" if positioned else f"{self._execution}:{next(self._rows)}"
+        entry = _Entry(kind, event, step, position)
+        if not (self._entries and _merge(self._entries[-1], entry)):
             self._entries.append(entry)
         if self._timer is None:
             self._timer = asyncio.get_running_loop().create_task(self._flush_later())
@@ -244,26 +271,53 @@ class EventLogWriter:
             if entries:
                 await self._write(entries)
 
+    def _params(self, entries: list[_Entry]) -> dict[str, Any]:
+        return {
+            "task": self.task_id,
+            "attempt": self.attempt,
+            "kinds": [entry.kind for entry in entries],
+            "steps": [entry.step for entry in entries],
+            "positions": [entry.position for entry in entries],
+            "payloads": [entry.payload() for entry in entries],
+            "channel": CHANNEL,
+        }
+
     async def _write(self, entries: list[_Entry]) -> None:
-        kinds, steps, positions, payloads = [], [], [], []
-        for entry in entries:
-            kinds.append(entry.kind)
-            steps.append(entry.step)
-            positions.append(entry.position)
-            payloads.append(entry.event if isinstance(entry.event, str) else _payload(entry.event))
-        statement = sql.SQL(_INSERT).format(table=sql.Identifier(table()))
+        statement = sql.SQL(_WRITE).format(table=sql.Identifier(table()))
         started = time.monotonic()
-        await sdk.task_connection(self.ctx).execute(
-            statement, (self.task_id, self.attempt, kinds, steps, positions, payloads, CHANNEL, self.task_id)
-        )
+        await sdk.task_connection(self.ctx).execute(statement, self._params(entries))
         elapsed = (time.monotonic() - started) * 1e3
         logger.debug("task %s: %d event(s) logged in %.1f ms", self.task_id, len(entries), elapsed)
 
+    async def complete_step(self, handle: StepHandle, value: Any) -> bool:
+        """Write the step's checkpoint and the buffered events in one statement; False when nothing is buffered.
 
-def _payload(event: Any) -> str:
-    if isinstance(event, dict):
-        return json.dumps(event)
-    return encode(event)
+        Its events are then committed with the checkpoint, never after it, at the cost of one statement.
+        """
+        async with self._lock:
+            if not self._entries or self._error is not None:
+                return False
+            entries, self._entries = self._entries, []
+            ctx = self.ctx
+            params = {
+                **self._params(entries),
+                "queue": sdk.queue_name(ctx),
+                "checkpoint": handle.checkpoint_name,
+                "state": json.dumps(value),
+                "run": sdk.claimed_task(ctx)["run_id"],
+                "claim": sdk.claim_timeout(ctx),
+            }
+            statement = sql.SQL(_WRITE_WITH_CHECKPOINT).format(table=sql.Identifier(table()))
+            with sdk.task_state_errors():
+                await sdk.task_connection(ctx).execute(statement, params)
+        sdk.recorded_checkpoints(ctx)[handle.checkpoint_name] = value
+        return True
+
+
+async def complete_step(ctx: AsyncTaskContext, handle: StepHandle, value: Any) -> bool:
+    """Complete the step with the events buffered so far, in one statement; False when there are none."""
+    writer = _writers.get(ctx)
+    return writer is not None and await writer.complete_step(handle, value)
 
 
 def writer_for(ctx: AsyncTaskContext) -> EventLogWriter:
@@ -285,8 +339,8 @@ def _task_context() -> AsyncTaskContext | None:
 def model_step_handler(handler: EventStreamHandler[Any] | None) -> EventStreamHandler[Any]:
     """An event stream handler for inside a model step: logs the live model events, then ``handler``'s turn.
 
-    The step's events are flushed before the handler returns, that is before the step's checkpoint
-    is written: a step that is recorded has all of its events in the log.
+    What is left in the buffer when the step's body returns is written in the statement that writes
+    its checkpoint (``complete_step``): a step that is recorded has all of its events in the log.
     """
 
     async def logging_handler(run_context: RunContext[Any], stream: AsyncIterable[Any]) -> None:
@@ -311,7 +365,7 @@ def model_step_handler(handler: EventStreamHandler[Any] | None) -> EventStreamHa
             await handler(run_context, published)
         async for _ in published:  # what the handler left (or everything, without one)
             pass
-        await writer.flush()
+        # What is still buffered is written with the step's checkpoint (complete_step), in one statement.
 
     return logging_handler
 

@@ -1,20 +1,21 @@
 """The operating-system side of the embedded PostgreSQL: its binaries, the user it runs as, where its
 files live, who may reach them, and how its processes are spawned.
 
-Where data lives: ``ABSURD_AGENTS_PGDATA`` or ``<cwd>/.postgres``; that directory holds ``data/``
-(the cluster), ``run/`` (the socket), ``postgres.log`` and a lock file. PostgreSQL refuses to run as
-root, so under root the binaries run as the existing unprivileged user ``postgres``, else
-``nobody``; only ``data/`` and ``run/`` are chowned to it, no user is created and nothing outside
-the directory is chmodded. When that user cannot reach the directory (a project under ``/root``,
-mode 0700), everything moves to ``/tmp/django-absurd-agents-<uid>-<hash of the directory>``. When
-the socket path would exceed the 107-byte limit of ``sun_path``, only ``run/`` moves to that
-``/tmp`` directory.
+Where data lives: the directory :func:`django_absurd_agents.embedded.ensure_server` is given holds
+``data/`` (the cluster), ``run/`` (the socket), ``postgres.log``, ``.lock`` (held while a process
+checks for the server and starts it) and ``.users.lock`` (held shared by every process using the
+server; see :mod:`django_absurd_agents.embedded_supervisor`). PostgreSQL refuses to run as root, so
+under root the binaries run as the existing unprivileged user ``postgres``, else ``nobody``; only
+``data/`` and ``run/`` are chowned to it, no user is created and nothing outside the directory is
+chmodded. When that user cannot reach the directory (a project under ``/root``, mode 0700),
+everything moves to ``/tmp/django-absurd-agents-<uid>-<hash of the directory>``. When the socket
+path would exceed the 107-byte limit of ``sun_path``, only ``run/`` moves to that ``/tmp`` directory.
 
 Who may reach it: the cluster uses ``trust`` authentication (no password to configure or leak), so
 the socket itself is the boundary, as for PostgreSQL's own ``pg_regress`` temporary instances.
 ``run/`` is mode 0700 and owned by the server's user, and the socket is 0700
 (``unix_socket_permissions``): only that user, and root, can connect. ``postgres.log`` (it holds
-failed statements, with their values) and the lock file are 0600 and owned by the project's user;
+failed statements, with their values) and the lock files are 0600 and owned by the project's user;
 ``data/`` is 0700, as PostgreSQL requires. Another local user can neither connect nor read the log.
 """
 
@@ -27,15 +28,13 @@ import hashlib
 import importlib.util
 import os
 import pwd
-import queue
+import select
 import shutil
 import signal
 import stat
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NamedTuple
@@ -53,7 +52,10 @@ _TMP_ROOT = Path("/tmp")
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 _SOCKET_PATH_LIMIT = 107
 _PR_SET_PDEATHSIG = 1
+#: PostgreSQL's fast shutdown: clients are disconnected and the next start needs no crash recovery.
 _DEATH_SIGNAL = signal.SIGINT
+#: Run as a file, not as a module of this package: see :func:`spawn_supervisor`.
+SUPERVISOR = Path(__file__).with_name("embedded_supervisor.py")
 #: ``run/`` and the socket in it: the server's user only (and root, which file modes do not stop).
 SOCKET_DIR_MODE = 0o700
 SOCKET_MODE = 0o700
@@ -78,9 +80,6 @@ def bin_dir() -> Path:
         if (candidate / "postgres").is_file() and (candidate / "initdb").is_file():
             return candidate
     raise EmbeddedPostgresError(f"The embedded PostgreSQL binaries were not found: {_INSTALL_HINT}.")
-
-
-# --------------------------------------------------------------------------- users and permissions
 
 
 class _User(NamedTuple):
@@ -205,9 +204,6 @@ def _check_binaries_usable(user: _User) -> None:
     _copied_install[:] = [copy]
 
 
-# --------------------------------------------------------------------------- directories
-
-
 @dataclass(frozen=True)
 class _Layout:
     """Every path of one embedded server, derived deterministically from the requested directory."""
@@ -217,16 +213,12 @@ class _Layout:
     data: Path
     socket_dir: Path
     lock: Path
+    users: Path
     log: Path
 
     @property
     def pidfile(self) -> Path:
         return self.data / "postmaster.pid"
-
-
-def _requested_dir(data_dir: Path | str | None) -> Path:
-    raw = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or Path.cwd() / ".postgres"
-    return Path(os.path.abspath(Path(raw).expanduser())).resolve()
 
 
 def _tmp_area(requested: Path) -> Path:
@@ -235,8 +227,8 @@ def _tmp_area(requested: Path) -> Path:
     return _TMP_ROOT / f"django-absurd-agents-{os.geteuid()}-{digest}"
 
 
-def _layout(data_dir: Path | str | None, run_as: _User | None) -> _Layout:
-    requested = _requested_dir(data_dir)
+def _layout(data_dir: Path | str, run_as: _User | None) -> _Layout:
+    requested = Path(os.path.abspath(Path(data_dir).expanduser())).resolve()
     base = requested
     if run_as is not None and not _traversable(requested, run_as):
         base = _tmp_area(requested)
@@ -249,6 +241,7 @@ def _layout(data_dir: Path | str | None, run_as: _User | None) -> _Layout:
         data=base / "data",
         socket_dir=socket_dir,
         lock=base / ".lock",
+        users=base / ".users.lock",
         log=base / "postgres.log",
     )
 
@@ -364,7 +357,20 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-# --------------------------------------------------------------------------- processes
+def _hold_shared(path: Path) -> int:
+    """Take a shared ``flock`` and return its descriptor: the lock lasts until every copy is closed.
+
+    Waits while the supervisor holds the lock exclusively, that is while it stops the server that
+    its last user left; the caller then starts a new one. The descriptor is close-on-exec, but a
+    forked child shares the lock (and so counts as a user) until it exits.
+    """
+    fd = _open_private(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _child_env() -> dict[str, str]:
@@ -387,7 +393,8 @@ _prctl = _load_prctl() if sys.platform.startswith("linux") else None
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    """A ``preexec_fn`` arming the parent-death signal.
+    """A ``preexec_fn`` arming the parent-death signal, for ``initdb``: a starter killed mid-initdb
+    takes it along (the server itself gets the signal from its supervisor instead).
 
     It runs after ``Popen`` has switched uid (a uid change clears the setting, so the order matters),
     and exits if the parent is already gone (then no death signal would ever come).
@@ -414,71 +421,57 @@ def _user_args(user: _User | None) -> _UserArgs:
     return _UserArgs(user.uid, user.gid, [g for g in user.groups if g != user.gid])
 
 
-_Launch = Callable[[], "subprocess.Popen[bytes]"]
+class SupervisorLaunch:
+    """A supervisor just started (see :mod:`django_absurd_agents.embedded_supervisor`), until the server answers.
 
-
-class _Launcher:
-    """A thread that lives as long as the process, for spawning the server from other threads.
-
-    The parent-death signal fires when the *thread* that forked the child exits, not the process. A
-    server started from a short-lived thread (a thread pool, a request thread) would die with it.
+    The supervisor detaches at once (the process we started exits after forking it), so the starter
+    learns of a failure through a pipe: the supervisor writes why it stopped and closes it by exiting.
     """
 
-    def __init__(self) -> None:
-        self._requests: queue.SimpleQueue[tuple[_Launch, Future[subprocess.Popen[bytes]]]] = queue.SimpleQueue()
-        thread = threading.Thread(target=self._serve, name="absurd-agents-postgres-launcher", daemon=True)
-        thread.start()
+    def __init__(self, process: subprocess.Popen[bytes], status: int) -> None:
+        self._process = process
+        self._status = status
+        self._said = b""
 
-    def _serve(self) -> None:
-        while True:
-            launch, future = self._requests.get()
-            try:
-                future.set_result(launch())
-            except BaseException as exc:
-                future.set_exception(exc)
+    def failure(self) -> str | None:
+        """Why the supervisor is gone (``None`` while it runs): the server's exit status, or its own."""
+        while select.select([self._status], [], [], 0)[0]:
+            chunk = os.read(self._status, 4096)
+            if not chunk:
+                said = self._said.decode(errors="replace").strip()
+                return said or f"supervisor exited with status {self._process.wait()}"
+            self._said += chunk
+        return None
 
-    def run(self, launch: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
-        future: Future[subprocess.Popen[bytes]] = Future()
-        self._requests.put((launch, future))
-        return future.result()
-
-
-_launcher: _Launcher | None = None
-_launcher_lock = threading.Lock()
+    def close(self) -> None:
+        """Stop listening and reap the detaching process (it exited right after forking the supervisor)."""
+        os.close(self._status)
+        self._process.wait()
 
 
-def _forget_launcher() -> None:
-    global _launcher
-    _launcher = None
+def spawn_supervisor(server: list[str], user: _User | None, users_lock: Path, log: IO[bytes]) -> SupervisorLaunch:
+    """Start the supervisor that runs ``server`` and stops it once ``users_lock`` has no shared holder.
 
-
-os.register_at_fork(after_in_child=_forget_launcher)
-
-
-def _spawn(cmd: list[str], user: _User | None, log: IO[bytes]) -> subprocess.Popen[bytes]:
-    global _launcher
-    parent_pid = os.getpid()
-
-    def launch() -> subprocess.Popen[bytes]:
-        args = _user_args(user)
-        return subprocess.Popen(
-            cmd,
+    It runs as a file with ``-I -S`` and imports only the standard library, so it adds about 10 ms to a
+    start. It runs as ourselves; only the server it forks becomes ``user``.
+    """
+    read_end, write_end = os.pipe()
+    args = _user_args(user)
+    ids = [str(-1 if args.user is None else args.user), str(-1 if args.group is None else args.group)]
+    groups = ",".join(str(group) for group in args.extra_groups or [])
+    command = [sys.executable, "-I", "-S", str(SUPERVISOR), str(users_lock), str(write_end), *ids, groups, "--"]
+    try:
+        process = subprocess.Popen(
+            [*command, *server],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             env=_child_env(),
-            # Not in our process group: a Ctrl-C meant for `manage.py shell` must not stop the server.
-            start_new_session=True,
-            user=args.user,
-            group=args.group,
-            extra_groups=args.extra_groups,
-            preexec_fn=_die_with_parent(parent_pid),
+            pass_fds=(write_end,),
         )
-
-    if threading.current_thread() is threading.main_thread():
-        return launch()
-    with _launcher_lock:
-        if _launcher is None:
-            _launcher = _Launcher()
-        launcher = _launcher
-    return launcher.run(launch)
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    return SupervisorLaunch(process, read_end)

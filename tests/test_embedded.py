@@ -1,7 +1,9 @@
-"""The embedded PostgreSQL launcher: start, share, survive a killed owner, recover stale lock files.
+"""The embedded PostgreSQL launcher: start, attach, stop, restart, recover stale lock files.
 
 No test uses the Django test database; each starts clusters of its own in temporary directories.
-Who may reach a cluster (socket, log, modes) is tested in test_embedded_security.py. Every wait polls with a deadline; nothing sleeps to synchronise.
+Who may reach a cluster (socket, log, modes) is tested in test_embedded_security.py; how its users
+share it (the server outlives any of them and stops after the last) in test_embedded_sharing.py.
+Every wait polls with a deadline; nothing sleeps to synchronise.
 """
 
 from __future__ import annotations
@@ -306,7 +308,8 @@ def test_stale_postmaster_pid_is_recovered(pg_dir: Path, holder: str) -> None:
 
 
 def test_server_started_from_a_thread_outlives_the_thread(pg_dir: Path) -> None:
-    """The parent-death signal fires when the forking *thread* exits; a launcher thread keeps it alive."""
+    """The parent-death signal fires when the forking *thread* exits: the server is the supervisor's child,
+    so the short-lived thread that asked for it does not take it along."""
     started: list[EmbeddedServer] = []
     thread = threading.Thread(target=lambda: started.append(ensure_server(pg_dir)))
     thread.start()

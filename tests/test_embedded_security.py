@@ -2,7 +2,7 @@
 
 The cluster trusts whoever reaches its socket, so the socket is the boundary: ``run/`` is 0700 and
 owned by the server's user, the socket is 0700, the log (it records failed statements with their
-values) and the lock file are 0600 and owned by the project's user.
+values) and the lock files are 0600 and owned by the project's user.
 
 Under root (CI) every check also runs as a real other OS user: a forked child drops to a user that is
 neither us nor the server's user (``nobody`` when the server runs as ``postgres``) and tries to
@@ -199,7 +199,7 @@ def assert_private_modes(server: EmbeddedServer) -> None:
     assert os.lstat(server.socket_dir).st_uid == server_uid
     assert stat.S_ISSOCK(os.lstat(socket_path).st_mode)
     assert mode(socket_path) == 0o700
-    for private in (server.log_file, server.base_dir / ".lock"):
+    for private in (server.log_file, server.base_dir / ".lock", server.base_dir / ".users.lock"):
         assert mode(private) == 0o600, private
         assert os.lstat(private).st_uid == os.geteuid(), private
     assert mode(server.data_dir) == 0o700
@@ -244,7 +244,8 @@ def test_a_cluster_left_open_by_an_earlier_release_is_narrowed(tmp_path: Path) -
     server running, and by the next start."""
     requested = tmp_path / "pg"
     with fresh_cluster(requested) as server:
-        for path, loose in ((server.socket_dir, 0o755), (server.log_file, 0o644), (server.base_dir / ".lock", 0o644)):
+        locks = (server.base_dir / ".lock", server.base_dir / ".users.lock")
+        for path, loose in ((server.socket_dir, 0o755), (server.log_file, 0o644), *((lock, 0o644) for lock in locks)):
             os.chmod(path, loose)
 
         other = subprocess.run(
@@ -253,7 +254,7 @@ def test_a_cluster_left_open_by_an_earlier_release_is_narrowed(tmp_path: Path) -
         assert other.returncode == 0 and other.stdout.strip() == "False", other.stdout + other.stderr
         assert mode(server.socket_dir) == 0o700
         assert mode(server.log_file) == 0o600
-        assert mode(server.base_dir / ".lock") == 0o600
+        assert all(mode(lock) == 0o600 for lock in locks)
 
         server.stop()
         os.chmod(server.socket_dir, 0o755)

@@ -24,6 +24,7 @@ from analyst.llm import describe_model
 from analyst.market import COMPANIES
 from analyst.reports import request_report, task_queue
 from django_absurd_agents.conf import get as agent_settings
+from django_absurd_agents.database import embedded_data_dir
 
 SUPERUSER = ("admin", "admin")
 QUESTION = "How is the business doing, and what should an investor watch?"
@@ -192,7 +193,7 @@ class Command(BaseCommand):
 
     def show_next(self, request_pk: int) -> None:
         self.heading("Next")
-        self.item("make serve", "runs the site and a worker together; Ctrl-C stops both")
+        self.item("make serve", "runs the site and a worker, and replaces the worker if you kill it; Ctrl-C stops both")
         self.item("open", f"http://127.0.0.1:8000/reports/{request_pk}/ (this run's steps, attempt by attempt)")
         self.item("admin", f"http://127.0.0.1:8000/admin/ as {SUPERUSER[0]} / {SUPERUSER[1]}")
         self.stdout.write("")
@@ -203,5 +204,4 @@ def describe_database() -> str:
     if os.environ.get("DATABASE_URL"):
         where = f"{config['HOST'] or 'localhost'}:{config['PORT'] or 5432}"
         return f"PostgreSQL at {where}, database {config['NAME']} (DATABASE_URL)"
-    data_dir = os.environ.get("ABSURD_AGENTS_PGDATA", ".postgres")
-    return f"embedded PostgreSQL in {data_dir}, database {config['NAME']} (set DATABASE_URL to use your own)"
+    return f"embedded PostgreSQL in {embedded_data_dir()}, database {config['NAME']} (set DATABASE_URL to use your own)"

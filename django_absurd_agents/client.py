@@ -41,7 +41,7 @@ from asgiref.sync import async_to_sync
 from django.db import DatabaseError, connections
 from psycopg import AsyncConnection
 
-from django_absurd_agents import conf, jsonsafe, validation
+from django_absurd_agents import conf, jsonsafe, progress, validation
 from django_absurd_agents.execution import execute_claimed
 from django_absurd_agents.jsonsafe import InvalidParams as InvalidParams  # re-exported: its old home
 from django_absurd_agents.lease import keep_lease
@@ -502,6 +502,14 @@ class ProjectAbsurd(AsyncAbsurd):
         from django_absurd_agents.event_stream import events_sync
 
         return events_sync(task_id, after)
+
+    def task_progress_sync(self, task_id: TaskId, queue_name: str | None = None) -> progress.TaskProgress | None:
+        """The task's state, attempt, steps done, current wait and outcome (``progress.py``); None if unknown."""
+        return progress.read_progress(task_id, queue_name)
+
+    async def task_progress(self, task_id: TaskId, queue_name: str | None = None) -> progress.TaskProgress | None:
+        """Async counterpart of ``task_progress_sync``."""
+        return await progress.aread_progress(task_id, queue_name)
 
     # --- execution --------------------------------------------------------------------------
 

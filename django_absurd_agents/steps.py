@@ -1,15 +1,20 @@
-"""Agent checkpoints, rendered for people.
+"""What an agent run recorded, decoded into plain records: no HTML, no Django, no pydantic-ai types.
 
 A durable agent run leaves one checkpoint per model request and per tool call, named by pydantic-ai's
 journal convention: ``<agent>__model.request[#n]`` holds the model's response (pydantic-ai's
 ``ModelResponse`` as JSON) and ``<agent>__function_toolset__<id>.call_tool:<tool>[#n]`` holds the tool
 call's recorded outcome (the tool's return, or a ``ModelRetry``/``CallDeferred``/``ApprovalRequired``
 recorded as data). The tool step does not store its arguments; they are in the tool call of the model
-response before it, so the steps are read in the order they were written and matched up here.
+response before it, so :func:`decode_steps` reads the steps in the order they were written and matches
+them up. ``<agent>__external_event.<wait>...`` steps belong to an event wait; anything else (a task's
+own ``ctx.step`` values) is a plain step.
 
-Everything else (a task's own ``ctx.step`` values, event waits) is shown as stored. Reading never
-imports pydantic-ai types: the admin must show checkpoints even when the code that wrote them has
-changed since.
+A conversation's stored messages (pydantic-ai's ``ModelMessage`` list as JSON) decode into transcript
+entries with :func:`transcript_entries`.
+
+Reading never imports pydantic-ai: checkpoints and histories must read back even when the code that
+wrote them has changed since. The admin renders these records with templates, the progress API
+(``progress``) hands them out.
 """
 
 from __future__ import annotations
@@ -17,19 +22,11 @@ from __future__ import annotations
 import datetime
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any
+from typing import Any, Protocol
 
-from django.utils import timezone
-from django.utils.html import format_html, format_html_join
-from django.utils.safestring import SafeString, mark_safe
-
-from django_absurd_agents.queries import Checkpoint
-
-MAX_JSON_CHARS = 200_000
-"""Stored JSON longer than this is cut in the page (the database keeps all of it)."""
+from django_absurd_agents.json_text import compact_json
 
 _MODEL_STEP = re.compile(
     r"^(?P<agent>.+)__model\.(?P<op>request|request_stream)(?:\.(?P<model>[^#]+))?(?:#(?P<n>\d+))?$"
@@ -50,61 +47,69 @@ _OUTCOMES = {
     "tool_failed": "failed",
     "run_cancelled": "was cancelled",
 }
+_RETURNED = {"tool_return", "tool_content_result"}
+_FAILURES = {"model_retry", "validation_error", "tool_failed", "run_cancelled"}
+_WAIT_PARTS = {"token": "resume token made", "ask": "asked for input", "outcome": "wait ended", "": "event received"}
 
 
-LINE_WIDTH = 88
-"""Containers whose compact JSON fits in this many columns stay on one line."""
+@dataclass(frozen=True)
+class StepName:
+    """What a checkpoint's name says: the kind of step, its agent, its number, the tool it ran."""
+
+    kind: str  # "model", "tool", "event" or "step"
+    agent: str | None = None
+    number: int = 1
+    tool: str | None = None  # tool steps whose name carries the tool (MCP calls do not)
+    streamed: bool = False  # model steps made with request_stream
+    wait: str | None = None  # event steps: the wait's name
+    wait_part: str = ""  # event steps: "token", "ask", "outcome", or "" for the event itself
 
 
-_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
+def _number(match: re.Match[str]) -> int:
+    return int(match.group("n")) if match.group("n") else 1
 
 
-def _dumps(value: Any) -> str:
-    return _ENCODER.encode(value)
+def parse_step_name(name: str) -> StepName:
+    if match := _MODEL_STEP.match(name):
+        return StepName("model", match.group("agent"), _number(match), streamed=match.group("op") == "request_stream")
+    if match := _TOOL_STEP.match(name):
+        return StepName("tool", match.group("agent"), _number(match), tool=match.group("tool"))
+    if match := _EVENT_STEP.match(name):
+        return StepName(
+            "event", match.group("agent"), wait=match.group("wait"), wait_part=(match.group("part") or "")[1:]
+        )
+    return StepName("step")
 
 
-def _pretty(value: Any, indent: int) -> str:
-    compact = _dumps(value)
-    if not isinstance(value, dict | list) or not value or indent + len(compact) <= LINE_WIDTH:
-        return compact
-    inner = " " * (indent + 2)
-    if isinstance(value, dict):
-        items = [f"{inner}{_dumps(str(key))}: {_pretty(item, indent + 2)}" for key, item in value.items()]
-        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
-    items = [inner + _pretty(item, indent + 2) for item in value]
-    return "[\n" + ",\n".join(items) + "\n" + " " * indent + "]"
+class CheckpointLike(Protocol):
+    """A recorded step as ``task_records.Checkpoint`` holds it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def state(self) -> Any: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def owner_run_id(self) -> str | None: ...
+    @property
+    def updated_at(self) -> datetime.datetime: ...
 
 
-def pretty_json(value: Any, limit: int = MAX_JSON_CHARS) -> str:
-    """Indented JSON for a page, short containers kept on one line, cut at ``limit`` characters.
-
-    The compact pieces come from the C encoder (``json.dumps(indent=...)`` falls back to the pure
-    Python one, several times slower on a page of 200 checkpoints).
-    """
-    compact = _dumps(value)
-    # Huge values are shown compact: indenting them costs time and cutting them loses the shape anyway.
-    text = compact if len(compact) > limit else _pretty(value, 0)
-    if len(text) > limit:
-        return f"{text[:limit]}\n… ({len(text) - limit:,} more characters not shown)"
-    return text
-
-
-@dataclass
+@dataclass(frozen=True)
 class ToolCall:
+    """A tool call a model asked for; ``args`` decoded when the model sent them as JSON text."""
+
     tool_name: str
     args: Any
     tool_call_id: str | None
 
-    @cached_property
-    def args_json(self) -> str:
-        return pretty_json(self.args)
-
 
 @dataclass
 class Step:
-    """One checkpoint, with what a person wants to see of it."""
+    """One checkpoint, decoded. Model steps fill the model fields, tool steps the tool fields."""
 
-    checkpoint: Checkpoint
+    checkpoint: CheckpointLike
     kind: str = "step"  # model | tool | event | step
     agent: str | None = None
     number: int = 1
@@ -131,87 +136,20 @@ class Step:
     def name(self) -> str:
         return self.checkpoint.name
 
-    @cached_property
-    def stored_json(self) -> str:
-        return pretty_json(self.checkpoint.state)
-
-    @cached_property
-    def result_json(self) -> str:
-        return pretty_json(self.result)
+    @property
+    def state(self) -> Any:
+        return self.checkpoint.state
 
     @property
     def is_failure(self) -> bool:
-        return self.outcome_kind in {"model_retry", "validation_error", "tool_failed", "run_cancelled"}
+        return self.outcome_kind in _FAILURES
 
-    def html(self, index: int) -> SafeString:
-        """The step as an HTML card (built here rather than in a template: a task page can hold hundreds)."""
-        pieces = [self._header_html(index)]
-        if self.kind == "model":
-            pieces.extend(format_html('<div class="absurd-thinking">{}</div>', text) for text in self.thinking)
-            pieces.extend(format_html('<div class="absurd-text">{}</div>', text) for text in self.texts)
-            pieces.extend(
-                format_html(
-                    '<div>Calls tool <strong>{}</strong> with<pre class="absurd-json">{}</pre></div>',
-                    call.tool_name,
-                    call.args_json,
-                )
-                for call in self.tool_calls
-            )
-            if self.other_parts:
-                pieces.append(format_html('<p class="absurd-note">Other parts: {}</p>', ", ".join(self.other_parts)))
-            usage = ""
-            if self.input_tokens is not None:
-                usage = f" · {self.input_tokens} tokens in, {self.output_tokens} out"
-            pieces.append(format_html('<p class="absurd-note">{}{}</p>', self.model_name or "", usage))
-        elif self.kind == "tool":
-            message = f": {self.message}" if self.message else ""
-            pieces.append(
-                format_html("<div>Tool <strong>{}</strong> {}{}</div>", self.tool_name, self.outcome or "", message)
-            )
-            if self.call is not None:
-                pieces.append(
-                    format_html(
-                        '<div class="absurd-note">Arguments</div><pre class="absurd-json">{}</pre>', self.call.args_json
-                    )
-                )
-            if self.has_result:
-                label = "Result" if self.outcome_kind in {"tool_return", "tool_content_result"} else "Details"
-                pieces.append(
-                    format_html(
-                        '<div class="absurd-note">{}</div><pre class="absurd-json">{}</pre>', label, self.result_json
-                    )
-                )
-        pieces.append(
-            format_html(
-                '<details{}><summary>stored JSON</summary><pre class="absurd-json">{}</pre></details>',
-                " open" if self.kind in {"step", "event"} else "",
-                self.stored_json,
-            )
-        )
-        css = f"absurd-step {self.kind}" + (" failure" if self.is_failure else "")
-        return format_html('<section class="{}">{}</section>', css, mark_safe("".join(pieces)))
-
-    def _header_html(self, index: int) -> SafeString:
-        notes = []
-        if self.agent:
-            notes.append(f"agent {self.agent}")
-        notes.append(self.checkpoint.status)
-        notes.append(timezone.localtime(self.checkpoint.updated_at).strftime("%H:%M:%S.%f"))
-        if self.owner_attempt:
-            notes.append(f"written by attempt {self.owner_attempt}")
-        return format_html(
-            "<header><h3>{}. {}</h3>{}</header>",
-            index,
-            self.title,
-            format_html_join("", '<span class="absurd-note">{}</span>', ((note,) for note in notes)),
-        )
+    @property
+    def returned(self) -> bool:
+        return self.outcome_kind in _RETURNED
 
 
-def _number(match: re.Match[str]) -> int:
-    return int(match.group("n")) if match.group("n") else 1
-
-
-def _maybe_json(value: Any) -> Any:
+def decode_json_text(value: Any) -> Any:
     """Tool-call arguments arrive as a dict or as the model's raw JSON string."""
     if isinstance(value, str):
         try:
@@ -221,11 +159,8 @@ def _maybe_json(value: Any) -> Any:
     return value
 
 
-def _model_step(step: Step, match: re.Match[str]) -> None:
-    step.kind = "model"
-    step.agent = match.group("agent")
-    step.number = _number(match)
-    step.title = f"Model request {step.number}" + (" (streamed)" if match.group("op") == "request_stream" else "")
+def _model_step(step: Step, name: StepName) -> None:
+    step.title = f"Model request {name.number}" + (" (streamed)" if name.streamed else "")
     state = step.checkpoint.state
     if not isinstance(state, dict):
         return
@@ -243,99 +178,156 @@ def _model_step(step: Step, match: re.Match[str]) -> None:
         elif kind == "thinking":
             step.thinking.append(str(part.get("content") or ""))
         elif kind == "tool-call":
-            step.tool_calls.append(
-                ToolCall(
-                    tool_name=str(part.get("tool_name")),
-                    args=_maybe_json(part.get("args")),
-                    tool_call_id=part.get("tool_call_id"),
-                )
-            )
+            step.tool_calls.append(_tool_call(part))
         else:
             step.other_parts.append(str(kind))
 
 
-def _tool_step(step: Step, match: re.Match[str], pending: dict[str, list[ToolCall]]) -> None:
-    step.kind = "tool"
-    step.agent = match.group("agent")
-    step.number = _number(match)
-    calls = pending.get(step.agent, [])
-    wanted = match.group("tool")
+def _tool_call(part: Mapping[str, Any]) -> ToolCall:
+    return ToolCall(
+        tool_name=str(part.get("tool_name")),
+        args=decode_json_text(part.get("args")),
+        tool_call_id=part.get("tool_call_id"),
+    )
+
+
+def _take_call(calls: list[ToolCall], tool: str | None) -> ToolCall | None:
+    """The first call the model asked for that this step ran (removed from ``calls``)."""
     for index, call in enumerate(calls):
-        if wanted is None or call.tool_name == wanted:
-            step.call = calls.pop(index)
-            break
-    step.tool_name = wanted or (step.call.tool_name if step.call else None) or "tool"
+        if tool is None or call.tool_name == tool:
+            return calls.pop(index)
+    return None
+
+
+def _tool_step(step: Step, name: StepName, calls: list[ToolCall]) -> None:
+    step.call = _take_call(calls, name.tool)
+    step.tool_name = name.tool or (step.call.tool_name if step.call else None) or "tool"
     step.title = f"Tool {step.tool_name}"
     state = step.checkpoint.state
     kind = state.get("kind") if isinstance(state, dict) else None
-    if kind in _OUTCOMES:
-        step.outcome_kind = kind
-        step.outcome = _OUTCOMES[kind]
-        if kind in {"tool_return", "tool_content_result"}:
-            step.result = state.get("result")
-            step.has_result = True
-        elif kind == "validation_error":
-            step.message = str(state.get("title") or "")
-            step.result = state.get("errors")
-            step.has_result = True
-        elif kind in {"call_deferred", "approval_required"}:
-            step.result = state.get("metadata")
-            step.has_result = state.get("metadata") is not None
-        else:
-            step.message = str(state.get("message") or "")
-    else:  # recorded by an engine that stored the bare return value
-        step.outcome = "returned"
-        step.outcome_kind = "tool_return"
-        step.result = state
-        step.has_result = True
+    if kind not in _OUTCOMES:  # recorded by an engine that stored the bare return value
+        step.outcome, step.outcome_kind = "returned", "tool_return"
+        step.result, step.has_result = state, True
+        return
+    assert isinstance(state, dict)
+    step.outcome_kind, step.outcome = kind, _OUTCOMES[kind]
+    if kind in _RETURNED:
+        step.result, step.has_result = state.get("result"), True
+    elif kind == "validation_error":
+        step.message = str(state.get("title") or "")
+        step.result, step.has_result = state.get("errors"), True
+    elif kind in {"call_deferred", "approval_required"}:
+        step.result = state.get("metadata")
+        step.has_result = step.result is not None
+    else:
+        step.message = str(state.get("message") or "")
 
 
-def _event_step(step: Step, match: re.Match[str]) -> None:
-    step.kind = "event"
-    step.agent = match.group("agent")
-    part = (match.group("part") or "").lstrip(".")
-    labels = {
-        "token": "resume token made",
-        "ask": "asked for input",
-        "outcome": "wait ended",
-        "": "event received",
-    }
-    step.title = f"Wait {match.group('wait')}: {labels[part]}"
+def decode_steps(checkpoints: Iterable[CheckpointLike], attempts: Mapping[str, int] | None = None) -> list[Step]:
+    """Steps in written order, model responses and tool calls decoded, tool arguments matched up.
 
-
-def render_steps(checkpoints: Iterable[Checkpoint]) -> list[Step]:
-    """Steps in written order, model responses and tool calls decoded, tool arguments matched up."""
+    ``attempts`` (run id -> attempt) says which attempt wrote each step.
+    """
     pending: dict[str, list[ToolCall]] = {}
     steps: list[Step] = []
     for checkpoint in checkpoints:
-        step = Step(checkpoint=checkpoint, title=checkpoint.name)
-        if match := _MODEL_STEP.match(checkpoint.name):
-            _model_step(step, match)
+        name = parse_step_name(checkpoint.name)
+        step = Step(checkpoint=checkpoint, kind=name.kind, agent=name.agent, number=name.number, title=checkpoint.name)
+        if attempts is not None:
+            step.owner_attempt = attempts.get(checkpoint.owner_run_id or "")
+        if name.kind == "model":
+            _model_step(step, name)
             # A new response replaces calls the previous one made but that never ran (e.g. deferred).
-            pending[step.agent or ""] = list(step.tool_calls)
-        elif match := _TOOL_STEP.match(checkpoint.name):
-            _tool_step(step, match, pending)
-        elif match := _EVENT_STEP.match(checkpoint.name):
-            _event_step(step, match)
+            pending[name.agent or ""] = list(step.tool_calls)
+        elif name.kind == "tool":
+            _tool_step(step, name, pending.setdefault(name.agent or "", []))
+        elif name.kind == "event":
+            step.title = f"Wait {name.wait}: {_WAIT_PARTS[name.wait_part]}"
         steps.append(step)
     return steps
 
 
-def format_duration(value: datetime.timedelta | None) -> str:
-    """A duration the way a person reads it: "85 ms", "4.2 s", "3 min 5 s", "2 h 10 min", "3 d 4 h"."""
-    if value is None:
-        return ""
-    seconds = value.total_seconds()
-    if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    whole = int(seconds)
-    days, rest = divmod(whole, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days} d {hours} h"
-    if hours:
-        return f"{hours} h {minutes} min"
-    return f"{minutes} min {secs} s"
+@dataclass
+class TranscriptEntry:
+    """One line of a conversation: instructions, the user, the assistant (text or thinking), a tool, a retry.
+
+    A tool entry holds the call (``args``) and, once it returned, its ``result`` (``failed`` when the
+    tool's outcome was not a success); ``has_call`` is False for a result whose call is not in the log.
+    """
+
+    kind: str  # "instructions", "user", "assistant", "thinking", "tool" or "retry"
+    text: str = ""
+    name: str = ""
+    args: Any = None
+    result: Any = None
+    has_call: bool = True
+    has_result: bool = False
+    failed: bool = False
+
+
+def _media(item: Any) -> str:
+    if isinstance(item, dict):
+        label = item.get("media_type") or item.get("kind") or "content"
+        where = item.get("url") or item.get("identifier") or ""
+        return f"[{label}{' ' + where if where else ''}]"
+    return compact_json(item)
+
+
+def _prompt_text(content: Any) -> str:
+    """A user prompt's content: text as is, multimodal parts summarised."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(_prompt_text(item) if isinstance(item, str) else _media(item) for item in content)
+    return compact_json(content)
+
+
+_TEXT_PARTS = {"system-prompt": "instructions", "text": "assistant", "thinking": "thinking"}
+
+
+def _part_entry(part: Mapping[str, Any], calls: dict[str, TranscriptEntry]) -> TranscriptEntry | None:
+    """The entry for one message part (None when the part completes an entry made before)."""
+    kind = part.get("part_kind")
+    if kind in _TEXT_PARTS:
+        return TranscriptEntry(_TEXT_PARTS[str(kind)], text=str(part.get("content") or ""))
+    if kind == "user-prompt":
+        return TranscriptEntry("user", text=_prompt_text(part.get("content")))
+    if kind in ("tool-call", "builtin-tool-call"):
+        call = TranscriptEntry("tool", name=str(part.get("tool_name") or ""), args=decode_json_text(part.get("args")))
+        calls[str(part.get("tool_call_id"))] = call
+        return call
+    if kind in ("tool-return", "builtin-tool-return"):
+        entry = calls.get(str(part.get("tool_call_id")))
+        made = entry is None
+        if entry is None:
+            entry = TranscriptEntry("tool", name=str(part.get("tool_name") or ""), has_call=False)
+        entry.result, entry.has_result = part.get("content"), True
+        entry.failed = part.get("outcome") not in (None, "success")
+        return entry if made else None
+    if kind in ("retry-prompt", "retry-feedback"):
+        content = part.get("content")
+        text = content if isinstance(content, str) else compact_json(content)
+        return TranscriptEntry("retry", name=str(part.get("tool_name") or ""), text=text)
+    if kind == "file":
+        return TranscriptEntry("assistant", text=_media(part.get("content")))
+    return None
+
+
+def transcript_entries(stored: Any) -> list[TranscriptEntry]:
+    """Readable entries for stored pydantic-ai messages; a tool's result joins its call's entry.
+
+    Hand-edited or corrupted JSON shows what can be read rather than failing.
+    """
+    entries: list[TranscriptEntry] = []
+    calls: dict[str, TranscriptEntry] = {}
+    for message in stored if isinstance(stored, list) else []:
+        if not isinstance(message, dict):
+            continue
+        if message.get("kind") == "request" and message.get("instructions"):
+            entries.append(TranscriptEntry("instructions", text=str(message["instructions"])))
+        parts = message.get("parts")
+        for part in parts if isinstance(parts, list) else []:
+            entry = _part_entry(part, calls) if isinstance(part, dict) else None
+            if entry is not None:
+                entries.append(entry)
+    return entries

@@ -17,9 +17,11 @@ from django.db import connection
 from django.test import Client
 from django.urls import reverse
 
-from django_absurd_agents import absurd, queries, steps
+from django_absurd_agents import absurd, steps, tables, task_list, task_records
 from django_absurd_agents.admin import AbsurdTaskAdmin
+from django_absurd_agents.json_text import pretty_json
 from django_absurd_agents.models import AbsurdTask
+from django_absurd_agents.templatetags.absurd_admin import absurd_duration as format_duration
 from tests import agents
 
 SECRET = "patient-record-4711"
@@ -352,8 +354,8 @@ def test_totals_are_exact_when_small_and_estimated_when_large(viewer: User, monk
         absurd.spawn_sync("analyse", {"n": n})
     client = client_for(viewer)
     assert "5 tasks." in client.get(url("changelist")).content.decode()
-    monkeypatch.setattr(queries, "COUNT_CAP", 3)
-    monkeypatch.setattr(queries, "EXACT_TOTAL_ROWS", 4)
+    monkeypatch.setattr(task_list, "COUNT_CAP", 3)
+    monkeypatch.setattr(task_list, "EXACT_TOTAL_ROWS", 4)
     with connection.cursor() as cursor:
         cursor.execute("analyze absurd.t_agents")
         cursor.execute("analyze absurd.t_other")
@@ -393,14 +395,14 @@ def test_queue_dropped_between_catalog_read_and_table_read(
     viewer: User, pending_task: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A stale queue list (the queue was dropped right after it was read) is retried, not shown as an error."""
-    real = queries.list_queues
+    real = tables.list_queues
     calls = {"n": 0}
 
     def stale_then_fresh() -> list[str]:
         calls["n"] += 1
         return [*real(), "dropped_meanwhile"] if calls["n"] == 1 else real()
 
-    monkeypatch.setattr(queries, "list_queues", stale_then_fresh)
+    monkeypatch.setattr(tables, "list_queues", stale_then_fresh)
     response = client_for(viewer).get(url("changelist"))
     assert response.status_code == 200
     assert pending_task in response.content.decode()
@@ -597,7 +599,7 @@ def test_emit_an_event_from_the_global_page(operator: User) -> None:
     assert page.status_code == 200 and '<option value="other">' in page.content.decode()
     response = client.post(url("emit"), {"queue": "other", "event_name": "deploy:42", "payload": '{"ok": true}'})
     assert response.status_code == 302
-    event = queries.event("other", "deploy:42")
+    event = task_records.event("other", "deploy:42")
     assert event is not None and event.emitted and event.payload == {"ok": True}
     [entry] = LogEntry.objects.all()
     assert entry.object_id is None and entry.object_repr == "event deploy:42 on other"
@@ -606,7 +608,7 @@ def test_emit_an_event_from_the_global_page(operator: User) -> None:
         url("emit"), {"queue": "other", "event_name": "deploy:42", "payload": '{"ok": false}'}, follow=True
     )
     assert "was ignored (the first emit wins)" in response.content.decode()
-    assert queries.event("other", "deploy:42").payload == {"ok": True}  # type: ignore[union-attr]
+    assert task_records.event("other", "deploy:42").payload == {"ok": True}  # type: ignore[union-attr]
 
 
 @pytest.mark.django_db
@@ -618,7 +620,7 @@ def test_emit_rejects_bad_json_and_unknown_queues(operator: User) -> None:
     assert response.status_code == 200 and "queue" in response.context["form"].errors
     response = client.post(url("emit"), {"queue": "agents", "event_name": "   ", "payload": "1"})
     assert "event_name" in response.context["form"].errors
-    assert queries.event("agents", "e") is None
+    assert task_records.event("agents", "e") is None
     assert not LogEntry.objects.exists()
 
 
@@ -663,7 +665,7 @@ def test_agent_steps_are_rendered_for_people(clean_queues: None) -> None:
 @pytest.mark.django_db(transaction=True)
 def test_tool_asking_the_model_to_retry_is_shown(clean_queues: None) -> None:
     viewer = make_user("viewer", "view_absurdtask")
-    agents._retry_state["raised"] = 0
+    agents._retry_state["raised"] = 0  # noqa: SLF001  (the test agent's own switch)
     task_id = absurd.spawn_sync("admin_retrier", {})["task_id"]
     run_worker()
     assert task_row(task_id)["state"] == "completed"
@@ -723,8 +725,8 @@ def test_emit_from_a_waiting_task_resumes_it(clean_queues: None) -> None:
 # --- rendering of recorded outcomes no agent in this suite produces ---------------------------------
 
 
-def checkpoint(name: str, state: Any) -> queries.Checkpoint:
-    return queries.Checkpoint(
+def checkpoint(name: str, state: Any) -> task_records.Checkpoint:
+    return task_records.Checkpoint(
         name=name, state=state, status="committed", owner_run_id=None, updated_at=datetime.datetime.now(datetime.UTC)
     )
 
@@ -742,7 +744,7 @@ def test_render_steps_decodes_every_recorded_tool_outcome() -> None:
             {"part_kind": "file", "content": {}},
         ],
     }
-    rendered = steps.render_steps(
+    rendered = steps.decode_steps(
         [
             checkpoint("bot__model.request", response),
             checkpoint(
@@ -771,15 +773,15 @@ def test_render_steps_decodes_every_recorded_tool_outcome() -> None:
     assert mcp.tool_name == "tool" and mcp.message == "boom"
     assert streamed.title == "Model request 2 (streamed)" and streamed.texts == ["hi"]
     assert token.kind == "event" and token.title == "Wait approval: resume token made"
-    assert own.kind == "step" and own.title == "my_own_step" and "1," in own.stored_json
+    assert own.kind == "step" and own.title == "my_own_step" and "1," in pretty_json(own.state)
 
 
 def test_pretty_json_cuts_huge_values_and_durations_read_well() -> None:
-    text = steps.pretty_json({"blob": "x" * 500}, limit=100)
+    text = pretty_json({"blob": "x" * 500}, limit=100)
     assert text.endswith("more characters not shown)") and len(text) < 200
-    assert steps.format_duration(datetime.timedelta(milliseconds=85)) == "85 ms"
-    assert steps.format_duration(datetime.timedelta(seconds=4.25)) == "4.2 s"
-    assert steps.format_duration(datetime.timedelta(seconds=185)) == "3 min 5 s"
-    assert steps.format_duration(datetime.timedelta(hours=2, minutes=10)) == "2 h 10 min"
-    assert steps.format_duration(datetime.timedelta(days=3, hours=4)) == "3 d 4 h"
-    assert steps.format_duration(None) == ""
+    assert format_duration(datetime.timedelta(milliseconds=85)) == "85 ms"
+    assert format_duration(datetime.timedelta(seconds=4.25)) == "4.2 s"
+    assert format_duration(datetime.timedelta(seconds=185)) == "3 min 5 s"
+    assert format_duration(datetime.timedelta(hours=2, minutes=10)) == "2 h 10 min"
+    assert format_duration(datetime.timedelta(days=3, hours=4)) == "3 d 4 h"
+    assert format_duration(None) == ""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from io import StringIO
 from typing import Any
 
@@ -43,6 +44,10 @@ asql = sync_to_async(sql)
 
 async def spawn(client: Any, name: str, params: Any = None, **options: Any) -> str:
     return (await client.spawn(name, params if params is not None else {}, **options))["task_id"]
+
+
+def newest_first(*task_ids: str) -> list[str]:
+    return sorted(task_ids, key=uuid.UUID, reverse=True)
 
 
 async def test_task_dump_shows_runs_checkpoints_and_the_open_wait(project_absurd: Any) -> None:
@@ -90,12 +95,14 @@ async def test_listing_filters_by_queue_state_and_name(project_absurd: Any) -> N
     other = await spawn(project_absurd, "worker_other", queue="other")
     await project_absurd.work_batch(claim_timeout=10, batch_size=1)  # completes the oldest noop
 
+    # Newest first as in the admin: by task id, a UUIDv7, so spawn order to the millisecond (and in no
+    # particular order within one).
     everything = json.loads(await arun("absurd_tasks", "--json"))
-    assert {t["task_id"] for t in everything} == {*noop, other}
-    assert everything[0]["task_id"] == other  # newest first
+    assert [t["task_id"] for t in everything] == newest_first(*noop, other)
+    assert other[:13] >= max(noop)[:13]
 
     pending = json.loads(await arun("absurd_tasks", "--json", "--queue", "agents", "--state", "pending"))
-    assert [t["task_id"] for t in pending] == [noop[2], noop[1]]
+    assert [t["task_id"] for t in pending] == newest_first(noop[1], noop[2])
     done = json.loads(await arun("absurd_tasks", "--json", "--state", "completed"))
     assert [t["task_id"] for t in done] == [noop[0]]
     assert [t["task_id"] for t in json.loads(await arun("absurd_tasks", "--json", "--name", "worker_other"))] == [other]

@@ -244,7 +244,7 @@ REVIEWED_SPLICES = {
     "c",
     "w",
     "e",
-    # queries.py: clauses made of fixed SQL with %s placeholders, joined; "asc" or "desc"; a fixed
+    # task_list.py: clauses made of fixed SQL with %s placeholders, joined; "asc" or "desc"; a fixed
     # column list; union branches built the same way.
     "where",
     "direction",
@@ -287,11 +287,10 @@ def test_sql_statements_splice_only_reviewed_identifiers() -> None:
 
 @pytest.mark.django_db
 def test_table_names_quote_whatever_the_catalog_holds() -> None:
-    from django_absurd_agents import queries
-    from django_absurd_agents.management.commands import _ops
+    from django_absurd_agents import tables
 
     odd = 'we%sird"; drop table absurd.queues; --'
-    makers: list[Any] = [queries.table, _ops.table]
+    makers: list[Any] = [tables.table]
     for table in makers:
         name = table("t", odd)
         assert name.endswith('"')

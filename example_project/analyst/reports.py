@@ -1,26 +1,29 @@
 """Asking for a report and following its progress: the code the views and ``make demo`` share.
 
 A report is an Absurd task (``write_report``). Asking for one writes a ``ReportRequest`` and spawns
-the task in one transaction. Progress is read straight from Absurd's tables for the task's queue:
-the task's state and result, its runs (one per attempt) and its checkpoints (the steps taken, in
-the order they were recorded, each with the attempt that recorded it).
+the task in one transaction. Its progress comes from the app's progress API
+(``absurd.task_progress_sync``): the task's state and result, its attempts, and the steps taken in
+the order they were recorded, each decoded (a model call and the tools it asked for, a tool's result)
+and with the attempt that recorded it. This module only words them for the status page.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from django.db import connections, transaction
+from django.db import transaction
 
 from analyst.models import Report, ReportRequest
 from django_absurd_agents import absurd
 from django_absurd_agents.conf import get as agent_settings
 from django_absurd_agents.conf import queue_name_error
+from django_absurd_agents.json_text import compact_json
+from django_absurd_agents.progress import TaskProgress
+from django_absurd_agents.steps import Step as DecodedStep
+from django_absurd_agents.steps import parse_step_name
 
 TASK_NAME = "write_report"
 TERMINAL_STATES = frozenset({"completed", "failed", "cancelled"})
@@ -44,26 +47,18 @@ def request_report(company: str, question: str) -> ReportRequest:
 def task_queue() -> str:
     queue = absurd.resolve_queue(TASK_NAME)
     problem = queue_name_error(queue)
-    if problem:  # the name becomes part of a table name below
+    if problem:  # the demo puts the name into table names
         raise ValueError(problem)
     return queue
 
 
-def _load(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, str) else value
-
-
-_MODEL_STEP = re.compile(r"__model\.request(?:_stream)?(?:#(?P<n>\d+))?$")
-_TOOL_STEP = re.compile(r"\.call_tool:(?P<tool>[^#]+)(?:#(?P<n>\d+))?$")
-
-
 def step_label(name: str) -> str:
     """``analyst__model.request_stream#2`` -> ``model call 2``; ``...call_tool:save_report`` -> ``tool save_report``."""
-    if match := _MODEL_STEP.search(name):
-        return f"model call {match.group('n') or 1}"
-    if match := _TOOL_STEP.search(name):
-        again = f" (call {match.group('n')})" if match.group("n") else ""
-        return f"tool {match.group('tool')}{again}"
+    step = parse_step_name(name)
+    if step.kind == "model":
+        return f"model call {step.number}"
+    if step.kind == "tool" and step.tool:
+        return f"tool {step.tool}" + (f" (call {step.number})" if step.number > 1 else "")
     return name
 
 
@@ -72,29 +67,24 @@ def _shorten(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def step_preview(name: str, state: Any) -> str:
+def _arguments(args: Any) -> str:
+    shown = args.items() if isinstance(args, dict) else []
+    return ", ".join(f"{key}={value!r}" for key, value in shown if key != "summary")
+
+
+def step_preview(step: DecodedStep) -> str:
     """One line on what a step recorded: the tools a model asked for, its text, or a tool's result."""
-    if _MODEL_STEP.search(name) and isinstance(state, dict):
-        calls, texts = [], []
-        for part in state.get("parts") or []:
-            if not isinstance(part, dict):
-                continue
-            if part.get("part_kind") == "tool-call":
-                args = part.get("args")
-                if isinstance(args, str):
-                    args = _load(args)
-                shown = ", ".join(f"{key}={value!r}" for key, value in (args or {}).items() if key != "summary")
-                calls.append(f"{part.get('tool_name')}({_shorten(shown, 60)})")
-            elif part.get("part_kind") == "text":
-                texts.append(str(part.get("content", "")))
-        if calls:
-            return "asked for " + ", ".join(calls)
-        return _shorten(" ".join(texts)) if texts else ""
-    if isinstance(state, dict) and state.get("kind") == "tool_return":
-        state = state.get("result")
-    elif isinstance(state, dict) and "kind" in state:  # a ModelRetry, CallDeferred, ... recorded as data
-        return _shorten(f"{state['kind']}: {json.dumps(state, default=str, ensure_ascii=False)}")
-    return _shorten(json.dumps(state, default=str, ensure_ascii=False))
+    if step.kind == "model":
+        if step.tool_calls:
+            return "asked for " + ", ".join(
+                f"{call.tool_name}({_shorten(_arguments(call.args), 60)})" for call in step.tool_calls
+            )
+        return _shorten(" ".join(step.texts))
+    if step.kind == "tool" and step.returned:
+        return _shorten(compact_json(step.result))
+    if step.kind == "tool":  # a ModelRetry, CallDeferred, ... recorded as data
+        return _shorten(f"{step.outcome_kind}: {compact_json(step.state)}")
+    return _shorten(compact_json(step.state))
 
 
 @dataclass(frozen=True)
@@ -105,6 +95,7 @@ class Step:
     attempt: int | None
     recorded_at: datetime
     state: Any
+    decoded: DecodedStep | None = None
 
     @property
     def label(self) -> str:
@@ -112,7 +103,7 @@ class Step:
 
     @property
     def preview(self) -> str:
-        return step_preview(self.name, self.state)
+        return step_preview(self.decoded) if self.decoded is not None else ""
 
 
 @dataclass(frozen=True)
@@ -142,6 +133,21 @@ class Progress:
     steps: list[Step] = field(default_factory=list)
     runs: list[Run] = field(default_factory=list)
 
+    @classmethod
+    def of(cls, task: TaskProgress) -> Progress:
+        """The status page's view of the app's progress record (``absurd.task_progress``)."""
+        return cls(
+            task_id=task.task_id,
+            state=task.state,
+            result=task.result,
+            failure=task.failure.recorded if task.failure else None,
+            steps=[Step(s.name, s.attempt, s.recorded_at, s.value, s.decoded) for s in task.steps],
+            runs=[
+                Run(a.number, a.state, a.worker, a.started_at, a.finished_at, a.failure.recorded if a.failure else None)
+                for a in task.attempts
+            ],
+        )
+
     @property
     def done(self) -> bool:
         return self.state in TERMINAL_STATES
@@ -165,43 +171,9 @@ class Progress:
 
 
 def load_progress(task_id: str) -> Progress | None:
-    """Everything Absurd knows about the task, in three small queries; None for an unknown task."""
-    queue = task_queue()
-    snapshot = absurd.fetch_task_result_sync(task_id, queue)
-    if snapshot is None:
-        return None
-    with connections[agent_settings().database_alias].cursor() as cursor:
-        cursor.execute(
-            f"""select attempt, state, claimed_by, started_at, coalesce(completed_at, failed_at), failure_reason,
-                       run_id
-                  from absurd."r_{queue}" where task_id = %s order by attempt""",
-            [str(task_id)],
-        )
-        run_rows = cursor.fetchall()
-        cursor.execute(
-            f"""select checkpoint_name, owner_run_id, updated_at, state
-                  from absurd."c_{queue}" where task_id = %s and status = 'committed'
-                 order by updated_at, checkpoint_name""",
-            [str(task_id)],
-        )
-        step_rows = cursor.fetchall()
-    attempts = {str(row[6]): row[0] for row in run_rows}
-    runs = [
-        Run(attempt=row[0], state=row[1], worker=row[2], started_at=row[3], ended_at=row[4], failure=_load(row[5]))
-        for row in run_rows
-    ]
-    steps = [
-        Step(name=row[0], attempt=attempts.get(str(row[1])), recorded_at=row[2], state=_load(row[3]))
-        for row in step_rows
-    ]
-    return Progress(
-        task_id=str(task_id),
-        state=snapshot.state,
-        result=snapshot.result,
-        failure=snapshot.failure,
-        steps=steps,
-        runs=runs,
-    )
+    """Everything Absurd knows about the task (``absurd.task_progress_sync``); None for an unknown task."""
+    task = absurd.task_progress_sync(task_id)
+    return Progress.of(task) if task is not None else None
 
 
 def reports_for(task_id: str) -> list[Report]:

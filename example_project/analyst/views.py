@@ -21,7 +21,8 @@ from django.views.decorators.http import require_POST
 from analyst.forms import AskForm, ChatForm
 from analyst.market import COMPANIES
 from analyst.models import ReportRequest
-from analyst.reports import load_progress, reports_for, request_report
+from analyst.reports import Progress, load_progress, reports_for, request_report
+from django_absurd_agents import absurd
 from django_absurd_agents.models import Conversation, Turn
 
 CHAT_AGENT = "analyst_chat"
@@ -50,18 +51,18 @@ def status(request: HttpRequest, pk: int) -> HttpResponse:
 async def report_progress(request: HttpRequest, pk: int) -> JsonResponse:
     """The status page's data as JSON, from an async view.
 
-    The ORM has async methods; the Absurd queries are sync helpers on Django's connection, so they
-    go through ``sync_to_async`` like any other sync database code in an async view.
+    The ORM and the progress API (``absurd.task_progress``) have async methods; ``reports_for`` is sync
+    code, so it goes through ``sync_to_async`` like any other sync database code in an async view.
     """
     try:
         report_request = await ReportRequest.objects.aget(pk=pk)
     except ReportRequest.DoesNotExist:
         raise Http404("No such report request") from None
-    progress = await sync_to_async(load_progress)(str(report_request.task_id)) if report_request.task_id else None
-    if progress is None:
+    task = await absurd.task_progress(report_request.task_id) if report_request.task_id else None
+    if task is None:
         raise Http404("The report's task no longer exists")
-    reports = await sync_to_async(reports_for)(progress.task_id)
-    data = progress.as_json()
+    reports = await sync_to_async(reports_for)(task.task_id)
+    data = Progress.of(task).as_json()
     data["reports"] = [{"id": r.pk, "title": r.title, "summary": r.summary} for r in reports]
     return JsonResponse(data)
 

@@ -8,6 +8,7 @@ from django.core.management.base import BaseCommand, CommandParser
 
 from django_absurd_agents.client import absurd
 from django_absurd_agents.management.commands import _ops
+from django_absurd_agents.tables import FINISHED_STATES
 
 
 class Command(BaseCommand):
@@ -23,7 +24,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         identifier = _ops.task_id(options["task_id"])
         queue, state = _ops.locate_task(identifier, options["queue"])
-        if state in _ops.TERMINAL_STATES:
+        if state in FINISHED_STATES:
             self.stdout.write(f"Task {identifier} is already {state}; nothing to cancel.")
             return
         absurd.cancel_task_sync(identifier, queue_name=queue)

@@ -10,6 +10,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
+from django_absurd_agents import tables
 from django_absurd_agents.management.commands import _ops
 
 # Each call deletes at most the queue's cleanup_limit rows per table; a large backlog takes several.
@@ -32,16 +33,19 @@ class Command(BaseCommand):
         totals: dict[str, list[int]] = {}
         for _ in range(_MAX_ROUNDS):
             # One statement per round, committed on its own: no long transaction holds the queue's rows.
-            rows = _ops.fetch(
+            deleted = tables.rows(
                 "select queue_name, tasks_deleted, events_deleted from absurd.cleanup_all_queues(%s)", [queue]
             )
-            for name, tasks, events in rows:
-                total = totals.setdefault(name, [0, 0])
-                total[0] += tasks
-                total[1] += events
-            if not any(tasks or events for _, tasks, events in rows):
+            for row in deleted:
+                total = totals.setdefault(row["queue_name"], [0, 0])
+                total[0] += row["tasks_deleted"]
+                total[1] += row["events_deleted"]
+            if not any(row["tasks_deleted"] or row["events_deleted"] for row in deleted):
                 break
-        ttls = dict(_ops.fetch("select queue_name, cleanup_ttl from absurd.queues"))
+        ttls = {
+            row["queue_name"]: row["cleanup_ttl"]
+            for row in tables.rows("select queue_name, cleanup_ttl from absurd.queues")
+        }
         for name, (tasks, events) in sorted(totals.items()):
             if tasks or events or options["verbosity"] >= 2:
                 self.stdout.write(f"{name}: deleted {tasks} task(s) and {events} event(s) older than {ttls.get(name)}.")

@@ -6,8 +6,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from django_absurd_agents import conf
+from django_absurd_agents import conf, task_records
 from django_absurd_agents.client import absurd
+from django_absurd_agents.json_text import UnstorableJSON, loads_storable_json, text_problem
 from django_absurd_agents.management.commands import _ops
 
 
@@ -26,28 +27,26 @@ class Command(BaseCommand):
         name = options["event"]
         if not name or not name.strip():
             raise CommandError("The event name cannot be empty.")
-        problem = _ops.text_problem(name)
+        problem = text_problem(name)
         if problem:
             raise CommandError(f"The event name cannot be stored: {problem}")
         try:
-            payload = _ops.loads_storable_json(options["payload"])
-        except _ops.UnstorableJSON as exc:
+            payload = loads_storable_json(options["payload"])
+        except UnstorableJSON as exc:
             raise CommandError(f"--payload cannot be stored: {exc}") from None
         except ValueError as exc:
             raise CommandError(
                 f"--payload is not valid JSON: {exc}. Quote it for the shell: --payload '{{\"ok\": true}}'."
             ) from exc
         queue = _ops.queue_option(options["queue"]) or _ops.checked_queue(conf.get().default_queue)
-        earlier = _ops.fetch(
-            f"select emitted_at from {_ops.table('e', queue)} where event_name = %s and payload is not null", [name]
-        )
+        earlier = task_records.event(queue, name)
         try:
             absurd.emit_event_sync(name, payload, queue_name=queue)
         except ValueError as exc:  # the client's own checks, made before any SQL
             raise CommandError(f"The event was refused: {exc}") from exc
-        if earlier:
+        if earlier is not None and earlier.emitted:
             self.stdout.write(
-                f"Event {name!r} was already emitted on queue {queue} at {_ops.timestamp(earlier[0][0])}; "
+                f"Event {name!r} was already emitted on queue {queue} at {_ops.timestamp(earlier.emitted_at)}; "
                 "the first payload is kept."
             )
         else:

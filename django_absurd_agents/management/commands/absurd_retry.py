@@ -8,6 +8,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from django_absurd_agents.client import absurd
 from django_absurd_agents.management.commands import _ops
+from django_absurd_agents.tables import FINISHED_STATES
 
 
 class Command(BaseCommand):
@@ -32,7 +33,7 @@ class Command(BaseCommand):
         if state != "failed":
             raise CommandError(
                 f"Task {identifier} is {state}; only failed tasks can be retried"
-                + (" (cancel it first with absurd_cancel)." if state not in _ops.TERMINAL_STATES else ".")
+                + (" (cancel it first with absurd_cancel)." if state not in FINISHED_STATES else ".")
             )
         if options["max_attempts"] is not None and options["max_attempts"] < 1:
             raise CommandError("--max-attempts must be at least 1.")

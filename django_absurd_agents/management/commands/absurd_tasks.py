@@ -8,16 +8,22 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
+from django_absurd_agents.json_text import pretty_json, text_problem
 from django_absurd_agents.management.commands import _ops
+from django_absurd_agents.tables import STATES
+from django_absurd_agents.task_list import TaskFilters, task_page
 
 
 class Command(BaseCommand):
-    help = "List tasks, newest first, across every queue unless --queue is given."
+    help = (
+        "List tasks, newest first (by task id: spawn order, to the millisecond), across every queue unless "
+        "--queue is given."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--queue", "-q", action="append", dest="queues", help="Only this queue (repeatable).")
         parser.add_argument(
-            "--state", "-s", action="append", dest="states", choices=_ops.STATES, help="Only this state (repeatable)."
+            "--state", "-s", action="append", dest="states", choices=STATES, help="Only this state (repeatable)."
         )
         parser.add_argument("--name", "-n", help="Only tasks with this task name.")
         parser.add_argument("--limit", "-l", type=int, default=50, help="At most this many tasks (default 50).")
@@ -27,7 +33,7 @@ class Command(BaseCommand):
         if options["limit"] < 1:
             raise CommandError("--limit must be at least 1.")
         name = options["name"]
-        problem = _ops.text_problem(name) if name else None
+        problem = text_problem(name) if name else None
         if problem:
             raise CommandError(f"--name: {problem}")
         if options["queues"] is None:
@@ -37,7 +43,7 @@ class Command(BaseCommand):
             queues = [_ops.checked_queue(queue) for queue in given]
         tasks = list_tasks(queues, states=options["states"], name=name, limit=options["limit"])
         if options["json"]:
-            self.stdout.write(_ops.dumps(tasks))
+            self.stdout.write(pretty_json(tasks, limit=None))
             return
         if not tasks:
             self.stdout.write("No tasks match.")
@@ -46,33 +52,22 @@ class Command(BaseCommand):
 
 
 def list_tasks(queues: list[str], *, states: list[str] | None, name: str | None, limit: int) -> list[dict[str, Any]]:
-    """The newest ``limit`` tasks of ``queues`` matching the filters; one bounded query per queue."""
-    found: list[dict[str, Any]] = []
-    for queue in queues:
-        t, r = _ops.table("t", queue), _ops.table("r", queue)
-        rows = _ops.fetch(
-            f"select t.task_id::text, t.task_name, t.state, t.attempts, t.max_attempts, t.enqueue_at, "
-            f"coalesce(r.completed_at, r.failed_at, t.cancelled_at, r.started_at) "
-            f"from {t} t left join {r} r on r.run_id = t.last_attempt_run "
-            f"where (%s::text[] is null or t.state = any(%s::text[])) and (%s::text is null or t.task_name = %s) "
-            f"order by t.enqueue_at desc, t.task_id desc limit %s",
-            [states, states, name, name, limit],
-        )
-        for task_id, task_name, state, attempts, max_attempts, enqueued, updated in rows:
-            found.append(
-                {
-                    "task_id": task_id,
-                    "queue": queue,
-                    "task_name": task_name,
-                    "state": state,
-                    "attempts": attempts,
-                    "max_attempts": max_attempts,
-                    "enqueued_at": enqueued,
-                    "updated_at": updated,
-                }
-            )
-    found.sort(key=lambda task: (task["enqueued_at"], task["task_id"]), reverse=True)
-    return found[:limit]
+    """The newest ``limit`` tasks of ``queues`` matching the filters, in the admin's order (``task_list``)."""
+    filters = TaskFilters(queues=tuple(queues), states=tuple(states or ()), task_name=name)
+    page = task_page(filters, per_page=limit, with_total=False) if queues else None
+    return [
+        {
+            "task_id": row.task_id,
+            "queue": row.queue,
+            "task_name": row.task_name,
+            "state": row.state,
+            "attempts": row.attempts,
+            "max_attempts": row.max_attempts,
+            "enqueued_at": row.enqueue_at,
+            "updated_at": row.last_run_finished_at or row.last_run_started_at,
+        }
+        for row in (page.rows if page else [])
+    ]
 
 
 def _age(moment: datetime.datetime | None, now: datetime.datetime) -> str:

@@ -1,14 +1,15 @@
 """The task list's query string: filters read from it, links that change it.
 
 Everything here is parsed before any SQL runs, and nothing a user can type makes the page fail: a
-date that does not exist (``2024-02-30``, month 13, hour 25, year 0) is ignored with a message, and
-text no task can hold (a NUL character, which PostgreSQL's text and jsonb refuse) matches nothing,
-with a message, instead of reaching the database.
+date that does not exist (``2024-02-30``, month 13, hour 25, year 0) is ignored with a message, a state
+that does not exist is ignored, and text no task can hold (a NUL character, which PostgreSQL's text
+and jsonb refuse) matches nothing, with a message, instead of reaching the database.
 """
 
 from __future__ import annotations
 
 import datetime
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,9 @@ from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 from django.utils.http import urlencode
+
+from django_absurd_agents.tables import STATES, parse_uuid
+from django_absurd_agents.task_list import TaskFilters
 
 CREATED_PRESETS: dict[str, tuple[str, datetime.timedelta | None]] = {
     "hour": ("Past hour", datetime.timedelta(hours=1)),
@@ -126,3 +130,47 @@ def filter_group(request: HttpRequest, title: str, key: str, choices: list[tuple
     for value, label in choices:
         links.append({"label": label, "url": querystring(request, **{key: value}), "selected": current == value})
     return {"title": title, "links": links}
+
+
+@dataclass
+class ListQuery:
+    """What the task list was asked for: its filters, the page cursor, and what was ignored and why."""
+
+    filters: TaskFilters
+    queue: str | None
+    search: str | None
+    unmatchable: bool
+    problems: list[str]
+    after: uuid.UUID | None
+    before: uuid.UUID | None
+
+
+def list_query(request: HttpRequest) -> ListQuery:
+    queue = request.GET.get("queue") or None
+    state = request.GET.get("state") or None
+    task_name = request.GET.get("task_name") or None
+    search = (request.GET.get("q") or "").strip() or None
+    created = created_range(request)
+    unmatchable = unmatchable_filters(search=search, task_name=task_name)
+    filters = TaskFilters(
+        queues=(queue,) if queue else (),
+        states=(state,) if state in STATES else (),
+        task_name=task_name,
+        created_since=created.since,
+        created_before=created.until,
+        search=search,
+    )
+    return ListQuery(
+        filters=filters,
+        queue=queue,
+        search=search,
+        unmatchable=bool(unmatchable),
+        problems=[*created.problems, *unmatchable],
+        after=parse_uuid(request.GET.get("after")),
+        before=parse_uuid(request.GET.get("before")),
+    )
+
+
+def hidden_params(request: HttpRequest, *dropped: str) -> list[tuple[str, str]]:
+    """The query string's pairs but ``dropped``, for a form that changes the others."""
+    return [(key, str(value)) for key, value in request.GET.items() if key not in dropped]

@@ -1,0 +1,160 @@
+"""Absurd's tables, read: the one helper that names them, rows by column name, the queue catalog.
+
+There is no Django model per queue: every queue ``q`` has its own tables (``absurd.t_q`` tasks,
+``r_q`` runs, ``c_q`` checkpoints, ``e_q`` events, ``w_q`` waits), and queues come and go while the
+site runs. So the queue list is read from ``absurd.queues`` on every call, never cached, and each
+statement is built per queue with :func:`table`, the only place a table name is made. A queue dropped
+between reading the catalog and reading its tables makes the statement fail with "undefined table";
+:func:`over_queues` then runs it again from a fresh catalog, so a page never breaks, nor goes empty,
+because of a concurrent drop.
+
+This is the bottom of the read model that the admin, the management commands and the progress API
+share; ``task_list`` (pages of tasks across queues), ``task_records`` (one task with its runs,
+checkpoints and waits; events) and ``queue_overview`` are built on it. Everything runs on Django's
+connection, inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from django.db import ProgrammingError, connections, transaction
+from psycopg import sql
+
+from django_absurd_agents import conf, validation
+
+STATES: tuple[str, ...] = ("pending", "running", "sleeping", "completed", "failed", "cancelled")
+"""Every state of a task (and of a run), in the order a task goes through them."""
+ACTIVE_STATES: tuple[str, ...] = ("pending", "running", "sleeping")
+FINISHED_STATES: tuple[str, ...] = ("completed", "failed", "cancelled")
+
+_JSON_TYPES = {114, 3802}  # the type OIDs of json and jsonb: Django's cursor hands both over as text
+_UNDEFINED_TABLE = "42P01"
+_RETRIES_ON_DROPPED_QUEUE = 3
+
+
+def table(prefix: str, queue: str) -> str:
+    """The qualified name of one of a queue's tables, e.g. ``"absurd"."t_agents"``.
+
+    Quoted by psycopg's ``sql.Identifier``, so any name Absurd catalogues (quotes, ``%``, spaces) is
+    safe. A ``%`` is doubled: :func:`rows` always runs a statement with a parameter list (``[]`` when
+    it has none), so psycopg turns ``%%`` back into ``%`` every time.
+    """
+    return sql.Identifier("absurd", f"{prefix}_{queue}").as_string(None).replace("%", "%%")
+
+
+def connection() -> Any:
+    """Django's connection to the database that holds Absurd's schema."""
+    return connections[conf.get().database_alias]
+
+
+def rows(statement: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    """Every row of ``statement`` as a dict by column name, json and jsonb values decoded."""
+    with connection().cursor() as cursor:
+        cursor.execute(statement, list(params))
+        columns = [(column.name, column.type_code in _JSON_TYPES) for column in cursor.description]
+        fetched = cursor.fetchall()
+    return [
+        {name: load_json(value) if is_json else value for (name, is_json), value in zip(columns, values, strict=True)}
+        for values in fetched
+    ]
+
+
+def first_row(statement: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
+    found = rows(statement, params)
+    return found[0] if found else None
+
+
+def load_json(value: Any) -> Any:
+    """A json value as Python data (Django's cursor returns json and jsonb as text)."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def parse_uuid(value: object) -> uuid.UUID | None:
+    """``value`` as a UUID when it is one (or its text, blanks around it ignored), else None."""
+    if isinstance(value, uuid.UUID):
+        return value
+    if not isinstance(value, str):
+        return None
+    try:
+        return uuid.UUID(value.strip())
+    except ValueError:
+        return None
+
+
+def schema_installed() -> bool:
+    found = first_row("select to_regclass('absurd.queues') is not null as installed")
+    return bool(found and found["installed"])
+
+
+_CATALOG_SQL = (
+    "select q.queue_name, (select count(*) from pg_catalog.pg_class c "
+    "where c.relnamespace = 'absurd'::regnamespace and c.relname::text = any(array["
+    "'t_' || q.queue_name, 'r_' || q.queue_name, 'c_' || q.queue_name, 'e_' || q.queue_name, 'w_' || q.queue_name"
+    "])) = 5 as has_tables from absurd.queues q order by q.queue_name"
+)
+
+
+def queue_catalog() -> list[tuple[str, bool]]:
+    """``(queue, has_tables)`` for every row of ``absurd.queues`` (empty without Absurd's schema).
+
+    ``has_tables`` is False for a row inserted by hand, or left behind by a tool that failed, without
+    the queue's five tables; such a queue is left out of everything else.
+    """
+    if not schema_installed():
+        return []
+    return [(row["queue_name"], bool(row["has_tables"])) for row in rows(_CATALOG_SQL)]
+
+
+def list_queues() -> list[str]:
+    """Queues in the database right now, with their tables."""
+    return [queue for queue, has_tables in queue_catalog() if has_tables]
+
+
+def _is_undefined_table(exc: BaseException) -> bool:
+    return getattr(exc.__cause__, "sqlstate", None) == _UNDEFINED_TABLE
+
+
+def retrying[T](run: Callable[[], T]) -> T:
+    """``run()``, again (up to three times) when a queue's table vanished under it.
+
+    Each attempt is a savepoint, so a failed statement does not poison a surrounding transaction.
+    """
+    for attempt in range(_RETRIES_ON_DROPPED_QUEUE + 1):
+        try:
+            with transaction.atomic(using=connection().alias):
+                return run()
+        except ProgrammingError as exc:
+            if not _is_undefined_table(exc) or attempt == _RETRIES_ON_DROPPED_QUEUE:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def over_queues[T](queues: Sequence[str] | None, run: Callable[[list[str]], T]) -> T:
+    """``run(queues)`` (SQL over those queues' tables), surviving a queue dropped meanwhile.
+
+    ``queues=None`` means every queue; otherwise the queues asked for that exist. A retry intersects
+    them with a fresh catalog.
+    """
+
+    def with_catalog() -> T:
+        present = list_queues()
+        return run(present if queues is None else [queue for queue in queues if queue in present])
+
+    return retrying(with_catalog)
+
+
+def locate_task(task_id: uuid.UUID, queue: str | None = None) -> tuple[str, str] | None:
+    """``(queue, state)`` of the task, in ``queue`` or else in any queue; None when there is none.
+
+    The statement is the client's own (``validation.locate_sync``), retried when a queue is dropped.
+    """
+
+    def locate() -> tuple[str, str] | None:
+        with connection().cursor() as cursor:
+            return validation.locate_sync(cursor, task_id, queue)
+
+    return retrying(locate)

@@ -23,7 +23,6 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 ROOT = Path(__file__).resolve().parent.parent
 DATABASE = "absurd_agents_packaging"
 
-pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 SETTINGS = """
     import os
@@ -94,6 +93,20 @@ def database() -> str:
     return f"postgresql://{parts.get('user', 'postgres')}@/{DATABASE}?host={host}&port={parts.get('port', 5432)}"
 
 
+def test_a_missing_provider_names_the_extra_to_install() -> None:
+    from django_absurd_agents.worker_config import WorkerError, discover_tasks
+
+    with pytest.raises(WorkerError) as raised:
+        discover_tasks(["tests.provider_missing"])
+    message = str(raised.value)
+    assert "Importing 'tests.provider_missing' from ABSURD_AGENTS['TASK_MODULES'] failed" in message
+    assert 'pip install "django-absurd-agents[openai]"' in message and "The dotted path is fine" in message
+    with pytest.raises(WorkerError, match="Fix the dotted path"):
+        discover_tasks(["tests.no_such_module"])
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
 def test_wheel_and_sdist_install_and_run_in_a_clean_venv(tmp_path: Path, database: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "VIRTUAL_ENV", "PYTHONPATH"))}
     source = tmp_path / "source"

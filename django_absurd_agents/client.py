@@ -113,6 +113,8 @@ _SPAWN_SQL = (
     "select s.task_id, s.run_id, s.attempt, s.created, pg_notify('absurd_agents_spawned', %s) "  # wakeup.CHANNEL
     "from absurd.spawn_task(%s, %s, %s::jsonb, %s::jsonb) s"
 )
+_SPAWN_OPTIONS = ("max_attempts", "retry_strategy", "headers", "queue", "cancellation", "idempotency_key")
+"""The keyword arguments of ``spawn``/``spawn_sync`` that the ``before_spawn`` hook sees and may change."""
 _RESULT_SQL = "select state, result, failure_reason from absurd.get_task_result(%s, %s)"
 
 
@@ -297,14 +299,7 @@ class ProjectAbsurd(AsyncAbsurd):
         idempotency_key: str | None = None,
     ) -> SpawnedTask:
         """Enqueue a task on this client's own connection (not inside Django's transaction)."""
-        options: dict[str, Any] = {
-            "max_attempts": max_attempts,
-            "retry_strategy": retry_strategy,
-            "headers": headers,
-            "queue": queue,
-            "cancellation": cancellation,
-            "idempotency_key": idempotency_key,
-        }
+        options = {name: value for name, value in locals().items() if name in _SPAWN_OPTIONS}
         changed = self._before_spawn(task_name, params, options)
         if inspect.isawaitable(changed):
             changed = await changed
@@ -329,14 +324,7 @@ class ProjectAbsurd(AsyncAbsurd):
         idempotency_key: str | None = None,
     ) -> SpawnedTask:
         """Enqueue a task on Django's connection: inside ``transaction.atomic()`` it commits or rolls back with it."""
-        options: dict[str, Any] = {
-            "max_attempts": max_attempts,
-            "retry_strategy": retry_strategy,
-            "headers": headers,
-            "queue": queue,
-            "cancellation": cancellation,
-            "idempotency_key": idempotency_key,
-        }
+        options = {name: value for name, value in locals().items() if name in _SPAWN_OPTIONS}
         changed = self._before_spawn(task_name, params, options)
         if inspect.isawaitable(changed):  # an async hook, from sync code
             pending = changed

@@ -20,7 +20,6 @@ import psycopg
 import pytest
 from asgiref.sync import async_to_sync
 from django.contrib.auth.models import User
-from django.db import connection
 from django.urls import reverse
 from pydantic_ai.messages import ModelMessagesTypeAdapter, ToolCallPart, ToolReturnPart
 
@@ -166,6 +165,7 @@ def test_an_answer_is_stored_once_per_task() -> None:
 
 
 def backends(conn: psycopg.Connection[Any], besides: set[int]) -> list[int]:
+    """The server sessions on the test database, but ``besides``."""
     rows = conn.execute("select pid from pg_stat_activity where datname = current_database()").fetchall()
     return [pid for (pid,) in rows if pid not in besides]
 
@@ -179,15 +179,12 @@ def test_a_worker_killed_after_storing_the_answer_and_before_the_checkpoint_stor
     and appends nothing; a save step run twice is refused the same way (test_an_answer_is_stored_once...)."""
     conversation = chat()
     turn = conversation.send("remember me")
-    with connection.cursor() as cursor:
-        cursor.execute("select pg_backend_pid()")
-        (own,) = cursor.fetchone()
     with (
         psycopg.connect(database_url()) as row_lock,
         psycopg.connect(database_url()) as table_lock,
         psycopg.connect(database_url(), autocommit=True) as watcher,
     ):
-        ours = {own, *(c.execute("select pg_backend_pid()").fetchone()[0] for c in (row_lock, table_lock, watcher))}  # type: ignore[index]
+        ours = set(backends(watcher, set()))  # every session but the worker's: only its own are ended below
         # 1. The worker will block in the store's UPDATE of the conversation, after the model answered.
         row_lock.execute("select 1 from absurd_agents_conversation where id = %s for update", [conversation.pk])
         worker = workers(CALL_LOG=str(call_log))

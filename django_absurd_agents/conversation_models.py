@@ -210,7 +210,7 @@ class Conversation(models.Model):
         """
         if self.deferred_tool_requests is None:
             return None
-        return DEFERRED_REQUESTS.validate_python(self.deferred_tool_requests)
+        return DEFERRED_REQUESTS.validate_json(json.dumps(self.deferred_tool_requests))
 
 
 def _checked_send(

@@ -16,7 +16,6 @@ outcome. We keep its building blocks (``sdk.py``) and change what happens around
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import psycopg
 from absurd_sdk import CancelledTask, ClaimedTask, FailedTask, SuspendTask
 
-from django_absurd_agents import conf, sdk
+from django_absurd_agents import conf, jsonsafe, sdk
 from django_absurd_agents.attempts import last_attempt_statement
 from django_absurd_agents.reconnect import Lease, TaskConnection, is_transient
 
@@ -37,9 +36,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("django_absurd_agents.worker")
 
-Outcome = Literal[
-    "completed", "failed", "suspended", "cancelled", "lost", "interrupted", "unknown", "misrouted", "handed back"
-]
+Outcome = Literal["completed", "failed", "suspended", "cancelled", "lost", "unknown", "misrouted", "handed back"]
 
 UNKNOWN_TASK_CHECKPOINT = "$unknown_task"
 """Checkpoint holding when a task was first claimed by a worker that did not know it, and why."""
@@ -122,24 +119,25 @@ async def execute_claimed(
         return Ended("cancelled")
     except FailedTask:
         return Ended("lost")
-    except asyncio.CancelledError:
-        return Ended("interrupted")
     except Exception as exc:
         return await _after_error(conn, queue, task, exc)
     return Ended("completed")
 
 
 def _encoded_result(task: ClaimedTask, result: Any) -> Any:
-    """The task's result, refused with the task's name when Postgres could not store it."""
-    from django_absurd_agents.client import encode_json
+    """The task's result as the JSON data Absurd stores (pydantic models and messages included).
 
+    absurd-sdk writes a result with plain ``json.dumps``, so it gets the JSON form of the value
+    (``result.all_messages()`` becomes the list ``all_messages_json()`` holds), refused with the
+    task's name when Postgres could not store it.
+    """
     try:
-        encode_json(result, what=f"The result of task {task['task_name']!r}")
+        text = jsonsafe.encode(result, what=f"The result of task {task['task_name']!r}")
     except ValueError as exc:
         raise UnrecordableTaskResult(
             f"{exc} Return JSON data from the task (no NaN or Infinity, no NUL characters)."
         ) from exc
-    return result
+    return json.loads(text)
 
 
 async def _after_error(conn: TaskConnection, queue: str, task: ClaimedTask, exc: Exception) -> Ended:

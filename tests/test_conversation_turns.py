@@ -255,11 +255,6 @@ def test_a_task_passes_its_history_to_the_next_as_json() -> None:
     assert absurd.fetch_task_result_sync(second["task_id"]).result == {"output": "2: one | two"}  # type: ignore[union-attr]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="execution._encoded_result (not this change's file) checks the result with encode_json but hands "
-    "absurd-sdk the raw value, which it writes with json.dumps: it must hand over json.loads(encode_json(...)).",
-)
 def test_a_task_may_return_all_messages() -> None:
     spawned = absurd.spawn_sync("chat_history", {"prompt": "one", "messages": True})
     drive(lambda: task_state_of(spawned["task_id"]) in ("completed", "failed"), timeout=60)

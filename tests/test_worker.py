@@ -590,7 +590,7 @@ def checkpoint_state(task_id: str, name: str) -> Any:
 def test_a_task_whose_own_connection_breaks_is_handed_back_without_using_an_attempt(
     env: dict[str, str], start_worker: Callable[..., WorkerProcess], tmp_path: Path
 ) -> None:
-    [task_id] = spawn("worker_flaky_connection", {"flag": str(tmp_path / "broke-once")})
+    [task_id] = spawn("worker_flaky_connection", {"flag": str(tmp_path / "broke-once")}, max_attempts=1)
     worker = start_worker(*FAST)
     wait_until(lambda: all_in_state([task_id], "completed"), "the task to complete after its connection broke")
     assert runs_of(task_id) == [{"attempt": 1, "state": "completed", "failure": None}]  # max_attempts=1, not used up
@@ -603,7 +603,7 @@ def test_a_task_whose_own_connection_breaks_is_handed_back_without_using_an_atte
 def test_a_task_that_always_breaks_its_connection_still_ends(
     env: dict[str, str], settings_dir: Path, tmp_path: Path
 ) -> None:
-    [task_id] = spawn("worker_flaky_connection", {"flag": str(tmp_path / "flag"), "always": True})
+    [task_id] = spawn("worker_flaky_connection", {"flag": str(tmp_path / "flag"), "always": True}, max_attempts=1)
     bounded = with_settings(env, settings_dir, "bounded_settings", "'MAX_CONNECTION_HANDBACKS': 2")
     worker = WorkerProcess(bounded, tmp_path / "bounded.log", *FAST)
     try:
@@ -618,7 +618,7 @@ def test_a_task_that_always_breaks_its_connection_still_ends(
 
 @pytest.mark.slow
 def test_a_handler_that_swallows_its_suspension_fails_saying_how_to_fix_it(env: dict[str, str], tmp_path: Path) -> None:
-    [task_id] = spawn("worker_swallows_sleep")
+    [task_id] = spawn("worker_swallows_sleep", max_attempts=1)
     code, log = run_burst(env, tmp_path, "--queue", "agents")
     assert code == 0, log
     [only_run] = runs_of(task_id)

@@ -14,6 +14,7 @@ happens), which covers a lost listener connection and notices the task's end.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import uuid
@@ -147,11 +148,56 @@ def events_sync(task_id: Any, after: int | str | None = None) -> list[LoggedEven
 # --- async: following the log ------------------------------------------------------------------------
 
 
+class _Feed:
+    """The entries of one task that the readers of this process share: one query serves all of them.
+
+    ``entries`` are every row with an offset in ``(base, top]``; a notification marks the feed
+    ``stale``, and the first reader to look afterwards reads what follows ``top`` for everyone.
+    """
+
+    KEEP = 2000
+
+    def __init__(self, identifier: uuid.UUID) -> None:
+        self.identifier = identifier
+        self.entries: list[LoggedEvent] = []
+        self.base: int | None = None
+        self.top = 0
+        self.stale = True
+        self.lock = asyncio.Lock()
+
+    async def _fetch(self, conn: AsyncConnection[Any], after: int, limit: int = PAGE) -> list[LoggedEvent]:
+        cursor = await conn.execute(_select(), (self.identifier, after, limit))
+        return [_entry(row) for row in await cursor.fetchall()]
+
+    async def after(self, conn: AsyncConnection[Any], position: int, *, fresh: bool = False) -> list[LoggedEvent]:
+        """Up to ``PAGE`` entries after ``position``; ``fresh`` reads the database even without a notification."""
+        async with self.lock:
+            if self.base is None:
+                self.base, self.top, self.stale = position, position, True
+            if position < self.base:  # far behind the shared entries (a reader resuming): on its own
+                return await self._fetch(conn, position)
+            if self.stale or fresh:
+                self.stale = False
+                rows = await self._fetch(conn, self.top)
+                if len(rows) == PAGE:
+                    self.stale = True  # more to read
+                if rows:
+                    self.entries.extend(rows)
+                    self.top = rows[-1].offset
+                if len(self.entries) > self.KEEP:
+                    dropped = len(self.entries) - self.KEEP
+                    self.base = self.entries[dropped - 1].offset
+                    del self.entries[:dropped]
+            start = bisect.bisect_right(self.entries, position, key=lambda entry: entry.offset)
+            return self.entries[start : start + PAGE]
+
+
 class _Listener:
     """The one ``LISTEN`` connection of an event loop; wakes the readers of the task a notification names."""
 
     def __init__(self) -> None:
         self.waiters: dict[str, set[asyncio.Event]] = {}
+        self.feeds: dict[str, _Feed] = {}
         self.listening = asyncio.Event()
         self.connects = 0
         self._task: asyncio.Task[None] | None = None
@@ -161,22 +207,27 @@ class _Listener:
         return sum(len(events) for events in self.waiters.values())
 
     @contextlib.asynccontextmanager
-    async def subscription(self, task_id: str, ready_timeout: float = 2.0) -> AsyncIterator[asyncio.Event]:
+    async def subscription(
+        self, task_id: uuid.UUID, ready_timeout: float = 2.0
+    ) -> AsyncIterator[tuple[asyncio.Event, _Feed]]:
+        key = str(task_id)
         wake = asyncio.Event()
-        self.waiters.setdefault(task_id, set()).add(wake)
+        self.waiters.setdefault(key, set()).add(wake)
+        feed = self.feeds.setdefault(key, _Feed(task_id))
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._listen(), name="absurd_agents event listener")
         try:
             # Read only once notifications are flowing, so none is missed; polling covers a slow start.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.listening.wait(), ready_timeout)
-            yield wake
+            yield wake, feed
         finally:
-            waiting = self.waiters.get(task_id)
+            waiting = self.waiters.get(key)
             if waiting is not None:
                 waiting.discard(wake)
                 if not waiting:
-                    del self.waiters[task_id]
+                    del self.waiters[key]
+                    self.feeds.pop(key, None)
             if not self.waiters and self._task is not None:
                 task, self._task = self._task, None
                 self.listening.clear()
@@ -185,6 +236,8 @@ class _Listener:
                     await task
 
     def _wake_all(self) -> None:
+        for feed in self.feeds.values():
+            feed.stale = True
         for events in self.waiters.values():
             for event in events:
                 event.set()
@@ -203,6 +256,9 @@ class _Listener:
                     self.listening.set()
                     self._wake_all()  # whatever was written while nobody listened
                     async for note in conn.notifies():
+                        feed = self.feeds.get(note.payload)
+                        if feed is not None:
+                            feed.stale = True
                         for event in self.waiters.get(note.payload, ()):
                             event.set()
             except asyncio.CancelledError:
@@ -249,19 +305,18 @@ async def follow(
     if located is None:
         raise validation.not_found(task_id, None)
     queue = located[0]
-    select = _select()
     loop = asyncio.get_running_loop()
-    async with listener().subscription(str(identifier)) as wake:
+    async with listener().subscription(identifier) as (wake, feed):
         conn = await absurd.live_connection()
         floor = await _superseded_below(conn, identifier, position)
         delay = POLL_FIRST
         idle_since = loop.time()
+        fresh = True
         while True:
             wake.clear()
-            cursor = await conn.execute(select, (identifier, position, PAGE))
-            rows = await cursor.fetchall()
-            for row in rows:
-                entry = _entry(row)
+            rows = await feed.after(conn, position, fresh=fresh)
+            fresh = False
+            for entry in rows:
                 position = entry.offset
                 if entry.kind == ATTEMPT:
                     floor = max(floor, int(entry.data.get("attempt") or 0))
@@ -275,8 +330,7 @@ async def follow(
             else:
                 state, failure = await _state(conn, queue, identifier)
                 if state is None or state in TERMINAL_STATES:
-                    cursor = await conn.execute(select, (identifier, position, 1))
-                    if await cursor.fetchone() is None:  # drained: everything the task wrote was read
+                    if not await feed.after(conn, position, fresh=True):  # drained: all the task wrote was read
                         yield end_entry(position, state or "deleted", failure)
                         return
                     continue
@@ -284,6 +338,7 @@ async def follow(
                 await asyncio.wait_for(wake.wait(), delay)
             except TimeoutError:
                 delay = min(delay * 2, POLL_MAX)
+                fresh = True  # no notification: look anyway (a lost listener connection, a missed wake-up)
             if keepalive is not None and loop.time() - idle_since >= keepalive:
                 idle_since = loop.time()
                 yield None

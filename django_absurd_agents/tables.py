@@ -54,12 +54,15 @@ def connection() -> Any:
 def rows(statement: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
     """Every row of ``statement`` as a dict by column name, json and jsonb values decoded."""
     with connection().cursor() as cursor:
-        cursor.execute(statement, list(params))
-        columns = [(column.name, column.type_code in _JSON_TYPES) for column in cursor.description]
-        fetched = cursor.fetchall()
+        return _fetch(cursor, statement, params)
+
+
+def _fetch(cursor: Any, statement: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    cursor.execute(statement, list(params))
+    columns = [(column.name, column.type_code in _JSON_TYPES) for column in cursor.description]
     return [
         {name: load_json(value) if is_json else value for (name, is_json), value in zip(columns, values, strict=True)}
-        for values in fetched
+        for values in cursor.fetchall()
     ]
 
 
@@ -85,9 +88,11 @@ def parse_uuid(value: object) -> uuid.UUID | None:
         return None
 
 
+_INSTALLED_SQL = "select to_regclass('absurd.queues') is not null as installed"
+
+
 def schema_installed() -> bool:
-    found = first_row("select to_regclass('absurd.queues') is not null as installed")
-    return bool(found and found["installed"])
+    return bool(rows(_INSTALLED_SQL)[0]["installed"])
 
 
 _CATALOG_SQL = (
@@ -104,9 +109,10 @@ def queue_catalog() -> list[tuple[str, bool]]:
     ``has_tables`` is False for a row inserted by hand, or left behind by a tool that failed, without
     the queue's five tables; such a queue is left out of everything else.
     """
-    if not schema_installed():
-        return []
-    return [(row["queue_name"], bool(row["has_tables"])) for row in rows(_CATALOG_SQL)]
+    with connection().cursor() as cursor:
+        if not _fetch(cursor, _INSTALLED_SQL)[0]["installed"]:
+            return []
+        return [(row["queue_name"], bool(row["has_tables"])) for row in _fetch(cursor, _CATALOG_SQL)]
 
 
 def list_queues() -> list[str]:

@@ -665,7 +665,7 @@ def test_agent_steps_are_rendered_for_people(clean_queues: None) -> None:
 @pytest.mark.django_db(transaction=True)
 def test_tool_asking_the_model_to_retry_is_shown(clean_queues: None) -> None:
     viewer = make_user("viewer", "view_absurdtask")
-    agents._retry_state["raised"] = 0  # noqa: SLF001  (the test agent's own switch)
+    agents._retry_state["raised"] = 0
     task_id = absurd.spawn_sync("admin_retrier", {})["task_id"]
     run_worker()
     assert task_row(task_id)["state"] == "completed"

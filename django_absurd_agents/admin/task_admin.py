@@ -21,7 +21,6 @@ from django.urls import URLPattern, path
 from django.utils.http import urlencode
 
 from django_absurd_agents import conf, sdk
-from django_absurd_agents.admin import filters
 from django_absurd_agents.admin.actions import AbsurdTaskActions
 from django_absurd_agents.admin.base import (
     TEMPLATE_DIR,
@@ -29,6 +28,14 @@ from django_absurd_agents.admin.base import (
     AbsurdAdminBase,
     load_task,
     warn_about_queues_without_tables,
+)
+from django_absurd_agents.admin.filters import (
+    CREATED_PRESETS,
+    ListQuery,
+    filter_group,
+    hidden_params,
+    list_query,
+    querystring,
 )
 from django_absurd_agents.admin.permissions import VIEW_PERM, require, user_can
 from django_absurd_agents.client import absurd
@@ -68,7 +75,7 @@ class AbsurdTaskAdmin(AbsurdTaskActions):
         catalog = queue_catalog()
         warn_about_queues_without_tables(request, catalog)
         queues = [name for name, has_tables in catalog if has_tables]
-        query = filters.list_query(request)
+        query = list_query(request)
         for problem in query.problems:
             messages.warning(request, problem)
         if query.unmatchable:  # PostgreSQL would refuse the text; no task could match it anyway
@@ -92,15 +99,15 @@ class AbsurdTaskAdmin(AbsurdTaskActions):
         return TemplateResponse(request, f"{TEMPLATE_DIR}/task_list.html", context)
 
     def _filter_context(
-        self, request: HttpRequest, query: filters.ListQuery, queues: list[str], missing_queue: str | None
+        self, request: HttpRequest, query: ListQuery, queues: list[str], missing_queue: str | None
     ) -> dict[str, Any]:
         known = [*sdk.registry(absurd), *conf.get().task_routes]
         names = task_names([query.queue] if query.queue and not missing_queue else None, known=known)
         task_name = query.filters.task_name
         if task_name and task_name not in names:
             names.append(task_name)
-        group = filters.filter_group
-        presets = [(key, label) for key, (label, _) in filters.CREATED_PRESETS.items()]
+        group = filter_group
+        presets = [(key, label) for key, (label, _) in CREATED_PRESETS.items()]
         return {
             "filters": query.filters,
             "filter_groups": [
@@ -112,14 +119,14 @@ class AbsurdTaskAdmin(AbsurdTaskActions):
             "search": query.search or "",
             "created_since": request.GET.get("created_since", ""),
             "created_until": request.GET.get("created_until", ""),
-            "hidden_params": filters.hidden_params(request, "q", "after", "before", "created_since", "created_until"),
-            "date_hidden_params": filters.hidden_params(
+            "hidden_params": hidden_params(request, "q", "after", "before", "created_since", "created_until"),
+            "date_hidden_params": hidden_params(
                 request, "after", "before", "created", "created_since", "created_until"
             ),
         }
 
     def _page_links(self, request: HttpRequest, page: TaskPage) -> dict[str, str | None]:
-        qs = filters.querystring
+        qs = querystring
         return {
             "next_url": qs(request, after=page.next_cursor) if page.next_cursor else None,
             "previous_url": qs(request, before=page.previous_cursor) if page.previous_cursor else None,

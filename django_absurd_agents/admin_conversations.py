@@ -21,6 +21,7 @@ from django.utils.safestring import SafeString, mark_safe
 
 from django_absurd_agents.conversation_entries import entry_chain
 from django_absurd_agents.models import Conversation, Turn
+from django_absurd_agents.steps import TranscriptEntry, transcript_entries
 
 TRANSCRIPT_TEMPLATE = "admin/absurd_agents/conversation/transcript.html"
 
@@ -38,89 +39,6 @@ def task_link(turn: Turn) -> SafeString:
     if url is None:
         return format_html('<span class="absurd-mono">{}</span>', turn.task_id)
     return format_html('<a class="absurd-mono" href="{}">{}</a>', url, turn.task_id)
-
-
-def _pretty(value: Any) -> str:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            return value
-    return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True)
-
-
-def _text(content: Any) -> str:
-    """A user prompt's content: text as is, multimodal parts summarised."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(_text(item) if isinstance(item, str) else _media(item) for item in content)
-    return _pretty(content)
-
-
-def _media(item: Any) -> str:
-    if isinstance(item, dict):
-        label = item.get("media_type") or item.get("kind") or "content"
-        where = item.get("url") or item.get("identifier") or ""
-        return f"[{label}{' ' + where if where else ''}]"
-    return _pretty(item)
-
-
-def transcript_entries(stored: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Readable entries for a turn's stored messages; a tool's result is shown with its call."""
-    entries: list[dict[str, Any]] = []
-    calls: dict[str, dict[str, Any]] = {}
-    for message in stored if isinstance(stored, list) else []:
-        if not isinstance(message, dict):
-            continue  # hand-edited or corrupted JSON: show what can be read
-        if message.get("kind") == "request" and message.get("instructions"):
-            entries.append({"kind": "instructions", "text": message["instructions"]})
-        parts = message.get("parts")
-        for part in parts if isinstance(parts, list) else []:
-            if not isinstance(part, dict):
-                continue
-            kind = part.get("part_kind")
-            if kind == "system-prompt":
-                entries.append({"kind": "instructions", "text": part.get("content", "")})
-            elif kind == "user-prompt":
-                entries.append({"kind": "user", "text": _text(part.get("content"))})
-            elif kind == "text":
-                entries.append({"kind": "assistant", "text": part.get("content", "")})
-            elif kind == "thinking":
-                entries.append({"kind": "thinking", "text": part.get("content", "")})
-            elif kind in ("tool-call", "builtin-tool-call"):
-                call = {
-                    "kind": "tool",
-                    "name": part.get("tool_name", ""),
-                    "args": _pretty(part.get("args") or {}),
-                    "result": None,
-                    "failed": False,
-                }
-                calls[str(part.get("tool_call_id"))] = call
-                entries.append(call)
-            elif kind in ("tool-return", "builtin-tool-return"):
-                result = _pretty(part.get("content"))
-                failed = part.get("outcome") not in (None, "success")
-                matched = calls.get(str(part.get("tool_call_id")))
-                if matched is None:
-                    entries.append(
-                        {
-                            "kind": "tool",
-                            "name": part.get("tool_name", ""),
-                            "args": None,
-                            "result": result,
-                            "failed": failed,
-                        }
-                    )
-                else:
-                    matched.update(result=result, failed=failed)
-            elif kind == "retry-prompt":
-                entries.append(
-                    {"kind": "retry", "name": part.get("tool_name") or "", "text": _pretty(part.get("content"))}
-                )
-            elif kind == "file":
-                entries.append({"kind": "assistant", "text": _media(part.get("content"))})
-    return entries
 
 
 def _sections(conversation: Conversation) -> list[tuple[Any, list[Any]]]:
@@ -144,8 +62,8 @@ def _sections(conversation: Conversation) -> list[tuple[Any, list[Any]]]:
 
 def _item(turn: Turn | None, stored: list[Any]) -> dict[str, Any]:
     entries = transcript_entries(stored)
-    if turn is not None and turn.prompt and not any(entry["kind"] == "user" for entry in entries):
-        entries.insert(0, {"kind": "user", "text": turn.prompt})
+    if turn is not None and turn.prompt and not any(entry.kind == "user" for entry in entries):
+        entries.insert(0, TranscriptEntry("user", text=turn.prompt))
     return {
         "turn": turn,
         "entries": entries,

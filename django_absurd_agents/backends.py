@@ -41,7 +41,7 @@ from django.utils import timezone
 from django.utils.module_loading import import_string
 from psycopg import sql
 
-from django_absurd_agents import conf, sdk, validation
+from django_absurd_agents import conf, django_internals, sdk, validation
 from django_absurd_agents.client import absurd, django_connection, load_json
 from django_absurd_agents.registry import RESOLVERS, Registration
 from django_absurd_agents.task_context import check_context
@@ -197,7 +197,7 @@ class AbsurdTaskBackend(BaseTaskBackend):
                     cursor.execute(_defer_statement(queue), [task.run_after, spawned["run_id"]])
         object.__setattr__(result, "id", spawned["task_id"])
         object.__setattr__(result, "enqueued_at", timezone.now())
-        sync_receivers, async_receivers = task_enqueued._live_receivers(type(self))
+        sync_receivers, async_receivers = django_internals.live_receivers(task_enqueued, type(self))
         if async_receivers or not _django_own(sync_receivers):
             task_enqueued.send(type(self), task_result=result)
         else:  # only django.tasks' logger: called as send() would, without its bookkeeping
@@ -445,7 +445,7 @@ async def _send(signal: Any, sender: type, result: Any) -> None:
     ``asend`` runs sync receivers through ``sync_to_async`` (they may use the ORM); the only ones
     connected by default are django.tasks' loggers, which touch no database.
     """
-    sync_receivers, async_receivers = signal._live_receivers(sender)
+    sync_receivers, async_receivers = django_internals.live_receivers(signal, sender)
     if async_receivers or not _django_own(sync_receivers):
         await signal.asend(sender, task_result=result)
         return

@@ -370,7 +370,7 @@ class Turn(models.Model):
             locked = Turn.objects.using(alias).select_for_update().get(pk=self.pk)
             if locked.is_terminal:
                 raise ValueError(f"Turn {locked.sequence} is already {locked.state}.")
-            locked._cancel_task()
+            locked.cancel_absurd_task()
             locked.finish(Turn.State.CANCELLED, "Cancelled.")
             locked.release(Turn.State.CANCELLED)
         self.refresh_from_db(using=alias)
@@ -420,7 +420,7 @@ class Turn(models.Model):
         payload = {"turn_id": str(self.pk), "state": state}
         absurd.emit_event_sync(done_event(self.task_id), payload, queue_name=self.queue)
 
-    def _cancel_task(self) -> None:
+    def cancel_absurd_task(self) -> None:
         snapshot = absurd.fetch_task_result_sync(self.task_id, queue_name=self.queue)
         if snapshot is not None and snapshot.state not in ("completed", "failed", "cancelled"):
             absurd.cancel_task_sync(self.task_id, queue_name=self.queue)
@@ -456,7 +456,7 @@ def _abandon_deleted_turn(sender: type[Turn], instance: Turn, **kwargs: Any) -> 
         return
     try:
         with transaction.atomic(using=_alias()):
-            instance._cancel_task()
+            instance.cancel_absurd_task()
             instance.release(Turn.State.CANCELLED)
     except DatabaseError:
         logger.warning("Could not cancel the task %s of deleted turn %s", instance.task_id, instance.pk, exc_info=True)

@@ -110,7 +110,7 @@ class DjangoConversationStore(ConversationStore):
     # --- the storage primitives ---------------------------------------------------------------
 
     async def read_record(self, conversation_id: str) -> ConversationRecord | None:
-        return await sync_to_async(self._db_read_record)(conversation_id)
+        return await sync_to_async(self.read_record_sync)(conversation_id)
 
     async def read_records(self, *, scope: str | None = None, limit: int | None = None) -> Sequence[ConversationRecord]:
         return await sync_to_async(self._db_read_records)(scope, limit)
@@ -151,7 +151,7 @@ class DjangoConversationStore(ConversationStore):
             updated_at=row.updated_at,
         )
 
-    def _db_read_record(self, conversation_id: str) -> ConversationRecord | None:
+    def read_record_sync(self, conversation_id: str) -> ConversationRecord | None:
         row = Conversation.objects.using(self.using).filter(key=conversation_id).first()
         return None if row is None else self._record(row)
 

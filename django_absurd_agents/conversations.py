@@ -210,7 +210,7 @@ def _start(turn: Turn) -> Any:
     _turns().filter(pk=turn.pk, task_id=turn.task_id, state=Turn.State.PENDING).update(
         state=Turn.State.RUNNING, started_at=now, updated_at=now
     )
-    record = DjangoConversationStore()._db_read_record(turn.conversation.key)
+    record = DjangoConversationStore().read_record_sync(turn.conversation.key)
     assert record is not None  # the turn's row holds the conversation's
     return RECORD.dump_python(record, mode="json")
 

@@ -131,6 +131,30 @@ def _path(link: tuple[Any, ...] | None) -> str:
     return "$" + "".join(segments)
 
 
+def _scalar_problem(item: Any, link: tuple[Any, ...] | None) -> Problem | None:
+    if isinstance(item, str):
+        found = _text_problem(item)
+        if found is not None:
+            return Problem(found[0], _path(link), f"{found[1]} of the string")
+    elif isinstance(item, float) and not math.isfinite(item):
+        return Problem("number", _path(link), f"the number {item!r}")
+    return None
+
+
+def _children(item: dict[Any, Any] | list[Any] | tuple[Any, ...], link: tuple[Any, ...] | None) -> Any:
+    """(child, link) pairs of a container, last first (the stack pops the first); a bad key is a Problem."""
+    if isinstance(item, dict):
+        pairs = []
+        for key, child in reversed(list(item.items())):
+            if isinstance(key, str):
+                found = _text_problem(key)
+                if found is not None:
+                    return Problem(found[0], _path((link, key)), f"{found[1]} of the key")
+            pairs.append((child, (link, key)))
+        return pairs
+    return [(item[index], (link, index)) for index in range(len(item) - 1, -1, -1)]
+
+
 def find_problem(value: Any, *, max_depth: int = MAX_DEPTH) -> Problem | None:
     """The first part of ``value`` that Postgres's ``jsonb`` would refuse, or None.
 
@@ -141,27 +165,17 @@ def find_problem(value: Any, *, max_depth: int = MAX_DEPTH) -> Problem | None:
     stack: list[tuple[Any, int, tuple[Any, ...] | None]] = [(value, 0, None)]
     while stack:
         item, depth, link = stack.pop()
-        if isinstance(item, str):
-            found = _text_problem(item)
-            if found is not None:
-                return Problem(found[0], _path(link), f"{found[1]} of the string")
-        elif isinstance(item, float):
-            if not math.isfinite(item):
-                return Problem("number", _path(link), f"the number {item!r}")
-        elif isinstance(item, dict):
-            if depth >= max_depth:
-                return Problem("depth", _path(link), f"nesting deeper than {max_depth} levels")
-            for key, child in reversed(list(item.items())):
-                if isinstance(key, str):
-                    found = _text_problem(key)
-                    if found is not None:
-                        return Problem(found[0], _path((link, key)), f"{found[1]} of the key")
-                stack.append((child, depth + 1, (link, key)))
-        elif isinstance(item, list | tuple):
-            if depth >= max_depth:
-                return Problem("depth", _path(link), f"nesting deeper than {max_depth} levels")
-            for index in range(len(item) - 1, -1, -1):
-                stack.append((item[index], depth + 1, (link, index)))
+        if not isinstance(item, dict | list | tuple):
+            problem = _scalar_problem(item, link)
+            if problem is not None:
+                return problem
+            continue
+        if depth >= max_depth:
+            return Problem("depth", _path(link), f"nesting deeper than {max_depth} levels")
+        children = _children(item, link)
+        if isinstance(children, Problem):
+            return children
+        stack.extend((child, depth + 1, child_link) for child, child_link in children)
     return None
 
 

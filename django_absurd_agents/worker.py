@@ -175,47 +175,52 @@ class Worker:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._on_signal, signum)
         self._queues = [self._make_queue(name) for name in self.config.queues]
-        heartbeat: asyncio.Task[None] | None = None
-        listener: asyncio.Task[None] | None = None
-        recorder: asyncio.Task[None] | None = None
-        scheduler: asyncio.Task[None] | None = None
+        background: list[asyncio.Task[None]] = []
         try:
             if not await self._wait_for_database():
                 return 0
             log_banner(self.config, sdk.registry(self.app))
-            heartbeat = asyncio.create_task(self._heartbeat_loop())
-            recorder = asyncio.create_task(self._record_loop())
-            if self.config.schedule:
-                assert self._stop_event is not None
-                scheduler = asyncio.create_task(schedules.run_scheduler(self.app, self._stop_event))
-            by_name = {queue.name: queue for queue in self._queues}
-            listener = asyncio.create_task(listen_for_spawns(self.config.queues, lambda q: by_name[q].spawned.set()))
-            claimers = [asyncio.create_task(self._claim_loop(queue)) for queue in self._queues]
-            await asyncio.gather(*claimers)
+            background = self._start_background()
+            await asyncio.gather(*(self._claim_loop(queue) for queue in self._queues))
             if self._exhausted() and not self._stopping:
                 logger.info("Claimed the %d task(s) of --max-tasks; finishing them.", self._claimed)
             await self._drain()
             logger.info("Worker %s stopped after %d task(s).", self.config.worker_id, self._claimed)
             return 0
         finally:
-            for background in (heartbeat, listener, recorder, scheduler):
-                if background is not None:
-                    background.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await background
-            self._remove_heartbeat()
-            if recorder is not None:
-                await self._leave()
-            for queue in self._queues:
-                for client in (queue.claimer, *queue.executors):
-                    with contextlib.suppress(Exception):
-                        await client.close()
-            if self._cut_off:
-                # Returning would wait for those calls: asyncio.run() and the interpreter join them.
-                exit_now(0)
+            await self._close(background)
             if handle_signals:
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(signum)
+
+    def _start_background(self) -> list[asyncio.Task[None]]:
+        """The liveness file, the worker table's row, the LISTEN for spawns, and the scheduler if asked."""
+        assert self._stop_event is not None
+        by_name = {queue.name: queue for queue in self._queues}
+        jobs = [
+            self._heartbeat_loop(),
+            self._record_loop(),
+            listen_for_spawns(self.config.queues, lambda queue: by_name[queue].spawned.set()),
+        ]
+        if self.config.schedule:
+            jobs.append(schedules.run_scheduler(self.app, self._stop_event))
+        return [asyncio.create_task(job) for job in jobs]
+
+    async def _close(self, background: list[asyncio.Task[None]]) -> None:
+        for job in background:
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
+        self._remove_heartbeat()
+        if background:
+            await self._leave()
+        for queue in self._queues:
+            for client in (queue.claimer, *queue.executors):
+                with contextlib.suppress(Exception):
+                    await client.close()
+        if self._cut_off:
+            # Returning would wait for those calls: asyncio.run() and the interpreter join them.
+            exit_now(0)
 
     def _make_queue(self, name: str) -> _Queue:
         # Claims go through a connection of their own, so a poll never waits behind the checkpoint

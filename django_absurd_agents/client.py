@@ -34,14 +34,14 @@ from absurd_sdk import (
     ClaimedTask,
     RetryStrategy,
     RetryTaskResult,
-    SpawnResult,
     TaskResultSnapshot,
 )
 from asgiref.sync import async_to_sync
 from django.db import DatabaseError, connections
 from psycopg import AsyncConnection
+from psycopg.rows import dict_row
 
-from django_absurd_agents import conf, jsonsafe, progress, validation
+from django_absurd_agents import conf, jsonsafe, progress, spawning, validation
 from django_absurd_agents.execution import execute_claimed
 from django_absurd_agents.jsonsafe import InvalidParams as InvalidParams  # re-exported: its old home
 from django_absurd_agents.lease import keep_lease
@@ -57,64 +57,6 @@ TaskId = str | uuid.UUID
 TaskHandler = Callable[[Any, AsyncTaskContext], Awaitable[Any]]
 
 
-class SpawnedTask(SpawnResult):
-    """What a spawn returns: absurd-sdk's ids (as strings), and whether this call created the task.
-
-    ``created`` is False when ``idempotency_key`` already named a task: the ids are that task's, and
-    the params (and options) of this call were not used.
-    """
-
-    created: bool
-
-
-def _is_missing_queue(exc: BaseException) -> bool:
-    """A statement failed because a queue's table does not exist (Django wraps psycopg's error)."""
-    return isinstance(exc, psycopg.errors.UndefinedTable) or isinstance(exc.__cause__, psycopg.errors.UndefinedTable)
-
-
-def encode_json(value: Any, *, what: str = "Task params", limit: int | None = None) -> str:
-    """JSON text for ``value`` that Postgres will store (Django's usual values accepted), or
-    ``InvalidParams`` naming the problem, where it is, and the fix (see ``jsonsafe``)."""
-    return jsonsafe.encode(value, what=what, limit=limit)
-
-
-def _spawn_options(
-    *,
-    max_attempts: int | None,
-    retry_strategy: RetryStrategy | None,
-    headers: dict[str, Any] | None,
-    cancellation: CancellationPolicy | None,
-    idempotency_key: str | None,
-) -> str:
-    settings = conf.get()
-    if max_attempts is None:  # 0 is not "unset": _prepare refuses it
-        max_attempts = validation.max_attempts(
-            settings.default_max_attempts, what="ABSURD_AGENTS['DEFAULT_MAX_ATTEMPTS']"
-        )
-    options: dict[str, Any] = {"max_attempts": max_attempts}
-    strategy = retry_strategy if retry_strategy is not None else settings.retry_strategy
-    if strategy:
-        options["retry_strategy"] = dict(strategy)
-    if headers is not None:
-        options["headers"] = headers
-    if cancellation:
-        options["cancellation"] = dict(cancellation)
-    if idempotency_key is not None:
-        options["idempotency_key"] = idempotency_key
-    return encode_json(options, what="Spawn options")
-
-
-def _spawn_result(row: Any) -> SpawnedTask:
-    return {"task_id": str(row[0]), "run_id": str(row[1]), "attempt": row[2], "created": bool(row[3])}
-
-
-# The NOTIFY rides in the spawning statement: delivered on commit, never for a rolled-back spawn (wakeup.py).
-_SPAWN_SQL = (
-    "select s.task_id, s.run_id, s.attempt, s.created, pg_notify('absurd_agents_spawned', %s) "  # wakeup.CHANNEL
-    "from absurd.spawn_task(%s, %s, %s::jsonb, %s::jsonb) s"
-)
-_SPAWN_OPTIONS = ("max_attempts", "retry_strategy", "headers", "queue", "cancellation", "idempotency_key")
-"""The keyword arguments of ``spawn``/``spawn_sync`` that the ``before_spawn`` hook sees and may change."""
 _RESULT_SQL = "select state, result, failure_reason from absurd.get_task_result(%s, %s)"
 
 
@@ -268,7 +210,7 @@ class ProjectAbsurd(AsyncAbsurd):
         params_json = encode_json(params, limit=conf.get().max_params_bytes)
         if max_attempts is None:
             max_attempts = registration.get("default_max_attempts")
-        options_json = _spawn_options(
+        options_json = spawning.options_json(
             max_attempts=validation.max_attempts(max_attempts),
             retry_strategy=retry_strategy,
             headers=headers,
@@ -297,20 +239,19 @@ class ProjectAbsurd(AsyncAbsurd):
         queue: str | None = None,
         cancellation: CancellationPolicy | None = None,
         idempotency_key: str | None = None,
-    ) -> SpawnedTask:
+    ) -> spawning.SpawnedTask:
         """Enqueue a task on this client's own connection (not inside Django's transaction)."""
-        options = {name: value for name, value in locals().items() if name in _SPAWN_OPTIONS}
+        options = {name: value for name, value in locals().items() if name in spawning.SPAWN_OPTIONS}
         changed = self._before_spawn(task_name, params, options)
         if inspect.isawaitable(changed):
             changed = await changed
         args = self._prepare(task_name, params, **{**dict.fromkeys(options), **changed})
-        await self._ensure_connected()
-        assert self._conn is not None
+        cursor = (await self.live_connection()).cursor(row_factory=dict_row)
         try:
-            cursor = await self._conn.execute(_SPAWN_SQL, (args[0], *args))
+            await cursor.execute(spawning.SPAWN_SQL, (args[0], *args))
         except psycopg.errors.UndefinedTable as exc:
             raise validation.unknown_queue(args[0]) from exc
-        return _spawn_result(await cursor.fetchone())
+        return spawning.spawned(await cursor.fetchone() or {})
 
     def spawn_sync(
         self,
@@ -322,9 +263,9 @@ class ProjectAbsurd(AsyncAbsurd):
         queue: str | None = None,
         cancellation: CancellationPolicy | None = None,
         idempotency_key: str | None = None,
-    ) -> SpawnedTask:
+    ) -> spawning.SpawnedTask:
         """Enqueue a task on Django's connection: inside ``transaction.atomic()`` it commits or rolls back with it."""
-        options = {name: value for name, value in locals().items() if name in _SPAWN_OPTIONS}
+        options = {name: value for name, value in locals().items() if name in spawning.SPAWN_OPTIONS}
         changed = self._before_spawn(task_name, params, options)
         if inspect.isawaitable(changed):  # an async hook, from sync code
             pending = changed
@@ -336,12 +277,13 @@ class ProjectAbsurd(AsyncAbsurd):
         args = self._prepare(task_name, params, **{**dict.fromkeys(options), **changed})
         with django_connection().cursor() as cursor:
             try:
-                cursor.execute(_SPAWN_SQL, (args[0], *args))
+                cursor.execute(spawning.SPAWN_SQL, (args[0], *args))
             except DatabaseError as exc:
-                if _is_missing_queue(exc):
+                if spawning.is_missing_queue(exc):
                     raise validation.unknown_queue(args[0]) from exc
                 raise
-            return _spawn_result(cursor.fetchone())
+            names = [column.name for column in cursor.description]
+            return spawning.spawned(dict(zip(names, cursor.fetchone(), strict=True)))
 
     # --- finding a task by id ---------------------------------------------------------------
     #
@@ -537,6 +479,12 @@ class ProjectAbsurd(AsyncAbsurd):
                 return await execute()
             result = user_hook(ctx, execute)
             return await result if asyncio.iscoroutine(result) else result
+
+
+def encode_json(value: Any, *, what: str = "Task params", limit: int | None = None) -> str:
+    """JSON text for ``value`` that Postgres will store (Django's usual values accepted), or
+    ``InvalidParams`` naming the problem, where it is, and the fix (see ``jsonsafe``)."""
+    return jsonsafe.encode(value, what=what, limit=limit)
 
 
 def load_json(value: Any) -> Any:

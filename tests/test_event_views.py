@@ -236,3 +236,44 @@ def test_use_chat_refuses_a_body_that_is_not_a_use_chat_request(people: dict[str
 
 def test_the_assembled_log_of_a_turn_is_its_stored_answer(answered: Turn) -> None:
     assert streamed_text(assemble(events_sync(answered.task_id))) == answered.output
+
+
+async def test_use_chat_closes_what_a_dead_attempt_left_and_says_so(project_absurd: Any) -> None:
+    """A log where attempt 1 died mid-answer: its open text part is closed, then a data-absurd-attempt part."""
+    from pydantic_ai.ui.vercel_ai import VercelAIEventStream
+
+    from django_absurd_agents.chat import native_events
+
+    task_id = (await project_absurd.spawn("event_story", {}))["task_id"]
+    rows = [
+        (1, "part_start", {"index": 0, "part": {"content": "Once", "part_kind": "text"}, "event_kind": "part_start"}),
+        (1, "part_delta", _text_delta(" upon")),
+    ]
+    for attempt, kind, payload in rows:
+        await AgentEvent.objects.acreate(task_id=task_id, attempt=attempt, kind=kind, payload=payload)
+    first = await AgentEvent.objects.filter(task_id=task_id).order_by("offset").afirst()
+    assert first is not None
+    await AgentEvent.objects.acreate(
+        task_id=task_id, attempt=2, kind="attempt", payload={"attempt": 2, "discard_after": first.offset - 1}
+    )
+    for kind, payload in [
+        ("part_start", {"index": 0, "part": {"content": "Twice", "part_kind": "text"}, "event_kind": "part_start"}),
+        ("part_delta", _text_delta(" more")),
+        ("part_end", {"index": 0, "part": {"content": "Twice more", "part_kind": "text"}, "event_kind": "part_end"}),
+    ]:
+        await AgentEvent.objects.acreate(task_id=task_id, attempt=2, kind=kind, payload=payload)
+    await project_absurd.cancel_task(task_id)
+
+    encoder = VercelAIEventStream(None)
+    chunks_out = encoder.transform_stream(native_events(task_id, None, None))
+    items = chunks("".join([encoder.encode_event(chunk) async for chunk in chunks_out]))
+    types = [item["type"] for item in items]
+    attempt_at = types.index("data-absurd-attempt")
+    assert items[attempt_at]["data"] == {"attempt": 2, "discardAfter": first.offset - 1}
+    assert types[attempt_at - 1] == "text-end"  # the dead attempt's text is closed before the marker
+    assert chunk_text(items[:attempt_at]) == "Once upon" and chunk_text(items[attempt_at:]) == "Twice more"
+    assert "error" in types  # the turn's task was cancelled: the stream says so
+
+
+def _text_delta(text: str) -> dict[str, Any]:
+    return {"index": 0, "delta": {"content_delta": text, "part_delta_kind": "text"}, "event_kind": "part_delta"}

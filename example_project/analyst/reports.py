@@ -24,9 +24,9 @@ from django_absurd_agents.json_text import compact_json
 from django_absurd_agents.progress import TaskProgress
 from django_absurd_agents.steps import Step as DecodedStep
 from django_absurd_agents.steps import parse_step_name
+from django_absurd_agents.tables import FINISHED_STATES
 
 TASK_NAME = "write_report"
-TERMINAL_STATES = frozenset({"completed", "failed", "cancelled"})
 
 
 def request_report(company: str, question: str) -> ReportRequest:
@@ -150,7 +150,7 @@ class Progress:
 
     @property
     def done(self) -> bool:
-        return self.state in TERMINAL_STATES
+        return self.state in FINISHED_STATES
 
     @property
     def answer(self) -> str | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from absurd_sdk import AsyncTaskContext, StepHandle, get_current_context
-from pydantic_ai.agent import EventStreamHandler
+from pydantic_ai.agent import AbstractAgent, EventStreamHandler
 from pydantic_ai.capabilities import Instrumentation
 from pydantic_ai.capabilities.abstract import AbstractCapability, CapabilityOrdering, WrapRunHandler
 from pydantic_ai.durable_exec import (
@@ -25,6 +25,7 @@ from pydantic_ai.durable_exec import (
     DurableOperationBackend,
     DurableOperationId,
     JournalCallableOperationBackend,
+    ModelCancelSuspendedResponseId,
     ModelRequestId,
     RoleBasedOperationConfig,
     ToolsetCallToolId,
@@ -40,8 +41,8 @@ from pydantic_ai.run import AgentRunResult
 from pydantic_ai.tools import AgentDepsT, RunContext
 from pydantic_core import PydanticSerializationError
 
+from django_absurd_agents import durable_sleep, sdk
 from django_absurd_agents import event_log as log
-from django_absurd_agents import sdk
 from django_absurd_agents.jsonsafe import UnrecordableStepResult, find_problem
 from django_absurd_agents.lease import keep_lease, lease_kept
 from django_absurd_agents.task_context import make_last_attempt
@@ -100,6 +101,8 @@ class AbsurdOperationBackend(JournalCallableOperationBackend[None]):
         config: None,
     ) -> object:
         ctx = _require_context(f"The durable step {name!r}")
+        if isinstance(operation_id, ModelCancelSuspendedResponseId) and durable_sleep.suspending(ctx):
+            return None  # the task sleeps until its next poll of this job: keep the job (durable_sleep.py)
         # absurd-sdk loaded the task's committed checkpoints when it was claimed, and adds each one this
         # run writes: a name missing from them is a new step, so skip the SDK's per-step SELECT.
         checkpoint_name = sdk.checkpoint_name(ctx, name)
@@ -109,7 +112,8 @@ class AbsurdOperationBackend(JournalCallableOperationBackend[None]):
             return recorded[checkpoint_name]
         handle = StepHandle(name=name, checkpoint_name=checkpoint_name, done=False)
         try:
-            with log.in_step(checkpoint_name):  # the step's live model events carry its checkpoint name
+            # The step's live model events carry its checkpoint name; a wait inside it is not durable.
+            with log.in_step(checkpoint_name), durable_sleep.in_step_body():
                 if lease_kept(ctx):
                     value = await body()
                 else:  # a task run by a plain absurd_sdk client: keep its lease for the step ourselves
@@ -252,7 +256,11 @@ class AbsurdDurability(BaseDurabilityCapability[AgentDepsT]):
 
         # replay_scope() is opened by AbsurdReplayScope, outside the run span: a second scope here
         # would start a fresh tally that the run span never hears from.
-        with external_event_scope(AbsurdEventWaiter(task, self.name)):
+        # Waits between polls of a background model job are durable sleeps: the task frees its slot.
+        with (
+            external_event_scope(AbsurdEventWaiter(task, self.name)),
+            AbstractAgent.using_sleep(durable_sleep.durable_sleep(task, self.name)),
+        ):
             if self.event_log:
                 return await log.logged_run(task, functools.partial(super().wrap_run, ctx, handler=handler))
             return await super().wrap_run(ctx, handler=handler)

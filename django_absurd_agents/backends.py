@@ -44,6 +44,7 @@ from psycopg import sql
 from django_absurd_agents import conf, django_internals, sdk, validation
 from django_absurd_agents.client import absurd, django_connection, load_json
 from django_absurd_agents.registry import RESOLVERS, Registration
+from django_absurd_agents.tables import FINISHED_STATES
 from django_absurd_agents.task_context import check_context
 
 try:  # Django >= 6.0
@@ -242,7 +243,7 @@ class AbsurdTaskBackend(BaseTaskBackend):
             status=_status(state, run_started),
             enqueued_at=enqueued,
             started_at=first_started,
-            finished_at=(completed or failed or cancelled) if state in ("completed", "failed", "cancelled") else None,
+            finished_at=(completed or failed or cancelled) if state in FINISHED_STATES else None,
             last_attempted_at=run_started,
             args=params.get("args", []),
             kwargs=params.get("kwargs", {}),

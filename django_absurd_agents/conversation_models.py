@@ -45,6 +45,7 @@ from django_absurd_agents.conversation_entries import (
     entry_chain,
     sweep_entries,
 )
+from django_absurd_agents.tables import FINISHED_STATES
 
 logger = logging.getLogger("django_absurd_agents.conversations")
 
@@ -422,7 +423,7 @@ class Turn(models.Model):
 
     def cancel_absurd_task(self) -> None:
         snapshot = absurd.fetch_task_result_sync(self.task_id, queue_name=self.queue)
-        if snapshot is not None and snapshot.state not in ("completed", "failed", "cancelled"):
+        if snapshot is not None and snapshot.state not in FINISHED_STATES:
             absurd.cancel_task_sync(self.task_id, queue_name=self.queue)
 
 

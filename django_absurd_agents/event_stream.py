@@ -28,12 +28,12 @@ from psycopg import AsyncConnection, sql
 
 from django_absurd_agents import validation
 from django_absurd_agents.event_log import ATTEMPT, CHANNEL, EVENT_ADAPTER, RESULT_ADAPTER, table
+from django_absurd_agents.tables import FINISHED_STATES
 
 logger = logging.getLogger("django_absurd_agents.event_stream")
 
 END = "end"
 """Kind of the last entry a reader gets: the task is over; ``data`` holds its ``state``."""
-TERMINAL_STATES = frozenset({"completed", "failed", "cancelled"})
 POLL_FIRST = 0.2
 POLL_MAX = 2.0
 PAGE = 500
@@ -138,7 +138,7 @@ def events_sync(task_id: Any, after: int | str | None = None) -> list[LoggedEven
             if len(page) < PAGE:
                 break
             position = page[-1].offset
-    if located[1] in TERMINAL_STATES:
+    if located[1] in FINISHED_STATES:
         snapshot = absurd.fetch_task_result_sync(identifier, queue_name=located[0])
         last = entries[-1].offset if entries else position
         entries.append(end_entry(last, located[1], snapshot.failure if snapshot else None))
@@ -329,7 +329,7 @@ async def follow(
                 delay, idle_since = POLL_FIRST, loop.time()
             else:
                 state, failure = await _state(conn, queue, identifier)
-                if state is None or state in TERMINAL_STATES:
+                if state is None or state in FINISHED_STATES:
                     if not await feed.after(conn, position, fresh=True):  # drained: all the task wrote was read
                         yield end_entry(position, state or "deleted", failure)
                         return

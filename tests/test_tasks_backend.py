@@ -87,7 +87,14 @@ def test_sync_and_async_tasks_run_and_return_their_values() -> None:
 
 
 async def test_aenqueue_and_aget_result() -> None:
+    from asgiref.sync import sync_to_async
+    from django.db import connections
+
     from django_absurd_agents.testing import arun_tasks
+
+    # sync_to_async's shared thread keeps its connection across tests; a test that ends other sessions
+    # (test_conversation_turns) leaves it dead, so start this one with a fresh one.
+    await sync_to_async(connections.close_all)()
 
     result = await tf.multiply.aenqueue(6, 7)
     assert [r.outcome for r in await arun_tasks()] == ["completed"]

@@ -1,8 +1,9 @@
 """The Django admin over Absurd: tasks, runs, checkpoints and events of every queue; conversations.
 
 ``task_admin`` holds the task admin's pages and ``actions`` its retry, cancel and emit views, all
-methods of one ``ModelAdmin`` wired by its ``get_urls``; ``filters`` reads the task list's query
-string; the HTML is in ``templates/admin/absurd_agents/`` and the ``absurd_admin`` template filters.
+methods of one ``ModelAdmin`` wired by its ``get_urls``; ``worker_admin`` lists the workers; ``filters``
+reads the task list's query string; the HTML is in ``templates/admin/absurd_agents/`` and the
+``absurd_admin`` template filters.
 The conversations' admin is ``django_absurd_agents.admin_conversations``.
 """
 
@@ -15,12 +16,14 @@ from django.urls import reverse
 
 from django_absurd_agents import admin_conversations  # noqa: F401  (registers Conversation and Turn)
 from django_absurd_agents.admin.task_admin import AbsurdOverviewAdmin, AbsurdTaskAdmin
-from django_absurd_agents.models import AbsurdOverview, AbsurdTask
+from django_absurd_agents.admin.worker_admin import WorkerAdmin
+from django_absurd_agents.models import AbsurdOverview, AbsurdTask, Worker
 
-__all__ = ["AbsurdOverviewAdmin", "AbsurdTaskAdmin", "task_admin_url"]
+__all__ = ["AbsurdOverviewAdmin", "AbsurdTaskAdmin", "WorkerAdmin", "task_admin_url"]
 
 admin.site.register(AbsurdTask, AbsurdTaskAdmin)
 admin.site.register(AbsurdOverview, AbsurdOverviewAdmin)
+admin.site.register(Worker, WorkerAdmin)
 
 
 def task_admin_url(queue: str, task_id: str | uuid.UUID) -> str:

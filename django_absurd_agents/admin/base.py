@@ -7,9 +7,16 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.http import Http404, HttpRequest
-from django.urls import reverse
+from django.urls import NoReverseMatch, reverse
 
-from django_absurd_agents.admin.permissions import CANCEL_PERM, EMIT_PERM, RETRY_PERM, VIEW_PERM, user_can
+from django_absurd_agents.admin.permissions import (
+    CANCEL_PERM,
+    EMIT_PERM,
+    RETRY_PERM,
+    VIEW_PERM,
+    WORKER_VIEW_PERM,
+    user_can,
+)
 from django_absurd_agents.tables import list_queues
 from django_absurd_agents.task_records import TaskDetail, task_detail
 
@@ -56,7 +63,16 @@ class AbsurdAdminBase(admin.ModelAdmin):  # type: ignore[type-arg]
             "can_retry": user_can(request, RETRY_PERM),
             "can_cancel": user_can(request, CANCEL_PERM),
             "can_emit": user_can(request, EMIT_PERM),
+            "workers_url": self._workers_url(request),
         }
+
+    def _workers_url(self, request: HttpRequest) -> str | None:
+        if not user_can(request, WORKER_VIEW_PERM):
+            return None
+        try:
+            return reverse(f"{self.admin_site.name}:absurd_agents_worker_changelist")
+        except NoReverseMatch:
+            return None
 
 
 def load_task(queue: str, task_id: uuid.UUID) -> TaskDetail:

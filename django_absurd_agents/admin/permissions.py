@@ -15,6 +15,8 @@ VIEW_PERM = "absurd_agents.view_absurdtask"
 RETRY_PERM = "absurd_agents.retry_absurdtask"
 CANCEL_PERM = "absurd_agents.cancel_absurdtask"
 EMIT_PERM = "absurd_agents.emit_absurdevent"
+WORKER_VIEW_PERM = "absurd_agents.view_worker"
+"""The worker list's own permission (``Worker`` is a model with a table; its only permission is view)."""
 
 
 def user_can(request: HttpRequest, *perms: str) -> bool:

@@ -38,6 +38,7 @@ from django_absurd_agents.admin.filters import (
     querystring,
 )
 from django_absurd_agents.admin.permissions import VIEW_PERM, require, user_can
+from django_absurd_agents.admin.worker_admin import worker_links
 from django_absurd_agents.client import absurd
 from django_absurd_agents.models import AbsurdTask
 from django_absurd_agents.queue_overview import overview
@@ -137,6 +138,7 @@ class AbsurdTaskAdmin(AbsurdTaskActions):
         require(request, VIEW_PERM)
         detail = load_task(queue, task_id)
         emit_url = self.task_url(queue, detail.task_id, "emit_task")
+        claimed_by = {run.claimed_by for run in detail.runs if run.claimed_by}
         context = {
             **self.page_context(request, f"{detail.task_name} {detail.task_id}"),
             "task": detail,
@@ -149,6 +151,7 @@ class AbsurdTaskAdmin(AbsurdTaskActions):
             "retry_url": self.task_url(queue, detail.task_id, "retry"),
             "cancel_url": self.task_url(queue, detail.task_id, "cancel"),
             "emit_task_url": emit_url,
+            "workers": worker_links(request, claimed_by, self.admin_site.name),
         }
         return TemplateResponse(request, f"{TEMPLATE_DIR}/task_detail.html", context)
 

@@ -101,3 +101,20 @@ def absurd_step(step: Step, number: int) -> SafeString:
     )
     css = f"absurd-step {step.kind}" + (" failure" if step.is_failure else "")
     return format_html('<section class="{}">{}</section>', css, mark_safe("".join([header, *body, stored])))
+
+
+@register.filter
+def absurd_worker(worker_id: str | None, workers: dict[str, dict[str, str]]) -> SafeString | str:
+    """A run's worker: a link to its row in the worker list (with its status) when the row exists."""
+    if not worker_id:
+        return "—"
+    link = (workers or {}).get(worker_id)
+    if link is None:
+        return worker_id
+    return format_html(
+        '<a href="{}" class="absurd-worker">{}</a> <span class="absurd-worker-status {}">{}</span>',
+        link["url"],
+        worker_id,
+        link["status"],
+        link["status"],
+    )

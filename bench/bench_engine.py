@@ -21,7 +21,13 @@ CPU time of this process (user + system), which a busy machine disturbs less:
    * with ``--decompose``, also the agent durable with steps that store nothing (the engine's backend
      replaced by one that only runs the body): what pydantic-ai's durable layer costs on its own.
 
-2. replay: a task whose first attempt runs ``2k+1`` steps and then fails, timed on its second
+2. one-step runs: ``--one-step-runs`` tasks whose agent run is one model request, each spawned and
+   worked by ``work_batch`` (claim, run, checkpoint, complete): the CPU a worker spends per agent run;
+
+3. both of the above with the durable capability bound on every run, as pydantic-ai does by default
+   ("binding per run"), next to ``AbsurdDurability``'s binding reused across the runs of an agent;
+
+4. replay: a task whose first attempt runs ``2k+1`` steps and then fails, timed on its second
    attempt, which replays them all; against a raw task replaying as many raw steps and the same run
    not durable (the floor: a replay runs the agent loop again).
 """
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import sys
@@ -163,6 +170,31 @@ async def run_task(name: str, params: dict[str, Any], *, attempts: int = 1) -> s
 
 
 @contextmanager
+def binding_per_run() -> Iterator[None]:
+    """Bind the durable capability on every run, as pydantic-ai's base class does (the "before" side)."""
+    from pydantic_ai.durable_exec import BaseDurabilityCapability
+
+    from django_absurd_agents.durability import AbsurdDurability
+
+    reused = AbsurdDurability.__dict__["for_agent"]
+    AbsurdDurability.for_agent = BaseDurabilityCapability.for_agent  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        AbsurdDurability.for_agent = reused  # type: ignore[method-assign]
+
+
+async def one_step_runs(n: int, label: str, *, accumulate: bool) -> None:
+    """``n`` one-step agent tasks, spawned and worked one by one; adds their work_batch time to ``label``."""
+    wall, cpu = timings[label] if accumulate else (0.0, 0.0)
+    for _ in range(n):
+        await run_task("bench_durable", {"tool_calls": 0, "label": label})
+        wall += timings[f"{label}_work_batch_1"][0]
+        cpu += timings[f"{label}_work_batch_1"][1]
+    timings[label] = (wall, cpu)
+
+
+@contextmanager
 def steps_storing_nothing() -> Iterator[None]:
     """Swap the engine's backend for one that runs each body and stores nothing (``--decompose``)."""
     from pydantic_ai.durable_exec import record_durable_unit
@@ -183,7 +215,7 @@ def steps_storing_nothing() -> Iterator[None]:
 
 
 async def one_round(
-    plain_run: Any, tool_calls: int, replay_tool_calls: int, padding: int, decompose: bool
+    plain_run: Any, tool_calls: int, replay_tool_calls: int, padding: int, decompose: bool, one_step: int
 ) -> dict[str, Any]:
     """Every measurement once: ``(wall, cpu)`` by label, and the average checkpoint size."""
     steps = 2 * tool_calls + 1
@@ -204,6 +236,19 @@ async def one_round(
         "select avg(octet_length(state::text))::int from absurd.c_agents where task_id = %s", [task_id]
     )
     await plain_run(tool_calls, "plain")
+    await empty_queues()
+    with binding_per_run():
+        await run_task("bench_durable", {"tool_calls": tool_calls, "label": "durable_per_run"})
+    # The two sides alternate, so that a burst of load elsewhere spoils one pair rather than one side.
+    for pair in range(max(one_step // 10, 1)):
+        sides = [("one_step", contextlib.nullcontext()), ("one_step_per_run", binding_per_run())]
+        for label, binding in sides if pair % 2 == 0 else reversed(sides):
+            await empty_queues()
+            with binding:
+                await one_step_runs(10, label, accumulate=pair > 0)
+    for label in ("one_step", "one_step_per_run"):
+        wall, cpu = timings[label]
+        timings[label] = (wall / one_step, cpu / one_step)
 
     await empty_queues()
     await run_task("bench_durable", {"tool_calls": replay_tool_calls, "label": "first", "fail_first": True}, attempts=2)
@@ -214,16 +259,18 @@ async def one_round(
     return {**timings, "checkpoint_bytes": size}
 
 
-async def main(rounds: int, tool_calls: int, replay_tool_calls: int, decompose: bool) -> None:
+async def main(rounds: int, tool_calls: int, replay_tool_calls: int, decompose: bool, one_step: int) -> None:
     from django_absurd_agents import absurd
 
     plain_run = build()
     steps = 2 * tool_calls + 1
     replay_steps = 2 * replay_tool_calls + 1
     load_before = os.getloadavg()[0]
-    warm_up = await one_round(plain_run, tool_calls, replay_tool_calls, 0, decompose)
+    warm_up = await one_round(plain_run, tool_calls, replay_tool_calls, 0, decompose, one_step)
     padding = max(warm_up["checkpoint_bytes"] - len('{"i": 0, "padding": ""}'), 0)
-    results = [await one_round(plain_run, tool_calls, replay_tool_calls, padding, decompose) for _ in range(rounds)]
+    results = [
+        await one_round(plain_run, tool_calls, replay_tool_calls, padding, decompose, one_step) for _ in range(rounds)
+    ]
     [(version,)] = await execute("show server_version")
     await empty_queues()
     await absurd.close()
@@ -262,6 +309,21 @@ async def main(rounds: int, tool_calls: int, replay_tool_calls: int, decompose: 
         f"durability overhead per step = {overhead[0] / raw[0]:.2f}x a raw ctx.step "
         f"({overhead[0] / sized[0]:.2f}x the checkpoint-sized one); goal: at most 1.25x"
     )
+    per_run = (med("durable_per_run", 0) / steps, med("durable_per_run", 1) / steps)
+    overhead_per_run = (per_run[0] - plain[0], per_run[1] - plain[1])
+    print(
+        f"with the capability bound on every run (pydantic-ai's default): durable {per_run[0] * 1000:.3f} ms "
+        f"({per_run[1] * 1000:.3f} ms CPU), overhead {overhead_per_run[0] * 1000:.3f} ms = "
+        f"{overhead_per_run[0] / raw[0]:.2f}x a raw ctx.step ({overhead_per_run[1] * 1000:.3f} ms CPU)"
+    )
+    print()
+    print(f"one-step agent run, spawned and worked by work_batch ({one_step} runs a round)")
+    print(f"{'':<46}{'wall ms':>9}{'CPU ms':>9}")
+    for label, key in [
+        ("binding reused across runs (AbsurdDurability)", "one_step"),
+        ("binding per run (pydantic-ai's default)", "one_step_per_run"),
+    ]:
+        print(f"{label:<46}{med(key, 0) * 1000:>9.2f}{med(key, 1) * 1000:>9.2f}")
     print()
     print(f"replay of a task with {replay_steps} completed steps ({replay_tool_calls} tool calls)")
     print(f"{'':<46}{'wall ms':>9}{'us/step':>9}{'CPU ms':>9}")
@@ -305,9 +367,12 @@ if __name__ == "__main__":
     parser.add_argument("--replay-tool-calls", type=int, default=100, help="tool calls of the replayed run")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the durable run instead")
     parser.add_argument("--decompose", action="store_true", help="also time the durable layer storing nothing")
+    parser.add_argument(
+        "--one-step-runs", type=int, default=100, help="one-step agent tasks per round and side (a multiple of 10)"
+    )
     args = parser.parse_args()
     setup()
     if args.profile:
         asyncio.run(profile(args.tool_calls))
     else:
-        asyncio.run(main(args.rounds, args.tool_calls, args.replay_tool_calls, args.decompose))
+        asyncio.run(main(args.rounds, args.tool_calls, args.replay_tool_calls, args.decompose, args.one_step_runs))

@@ -153,6 +153,15 @@ class AbsurdReplayScope(AbstractCapability[Any]):
             return await handler()
 
 
+def _binding_fingerprint(agent: AbstractAgent[Any, Any]) -> tuple[object, ...]:
+    """What a binding is made from: the agent's name, model, capabilities and toolsets."""
+    return (agent.name, agent.model, agent.root_capability, *agent.toolsets)
+
+
+def _same(one: tuple[object, ...], other: tuple[object, ...]) -> bool:
+    return len(one) == len(other) and all(a is b for a, b in zip(one, other, strict=True))
+
+
 @dataclass(init=False, kw_only=True)
 class AbsurdDurability(BaseDurabilityCapability[AgentDepsT]):
     """Make an agent durable on Absurd: ``Agent(model, name="analyst", capabilities=[AbsurdDurability()])``.
@@ -202,6 +211,23 @@ class AbsurdDurability(BaseDurabilityCapability[AgentDepsT]):
         """
         super().__init__(models=models, event_stream_handler=event_stream_handler, name=name)
         self.event_log = event_log
+        self._bound: tuple[weakref.ref[Any], tuple[object, ...], AbstractCapability[AgentDepsT]] | None = None
+
+    def for_agent(self, agent: AbstractAgent[AgentDepsT, Any]) -> AbstractCapability[AgentDepsT]:
+        """The capability bound to ``agent``, bound once and reused by its runs while the agent is unchanged.
+
+        pydantic-ai binds a run's capabilities on every run (a copy, its models, its wrapped toolsets, its
+        capability operations); an ``AbsurdAgent`` passes the same capability to every run of the same
+        agent, so the binding of the previous run is still the right one.
+        """
+        fingerprint = _binding_fingerprint(agent)
+        if self._bound is not None:
+            ref, previous, bound = self._bound
+            if ref() is agent and _same(previous, fingerprint):
+                return bound
+        bound = super().for_agent(agent)
+        self._bound = (weakref.ref(agent), fingerprint, bound)
+        return bound
 
     @property
     def has_wrap_run_event_stream(self) -> bool:

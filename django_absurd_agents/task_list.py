@@ -273,3 +273,43 @@ def task_names(queues: Sequence[str] | None = None, *, known: Iterable[str] = ()
         return sorted(names)
 
     return over_queues(queues, run)
+
+
+def tasks_by_id(selected: Iterable[tuple[str, uuid.UUID]]) -> list[TaskRow]:
+    """The list rows of the tasks ``selected`` as (queue, task id), newest first; missing ones left out.
+
+    One statement: a branch per queue, each a primary key lookup. Queues missing from the catalog are
+    skipped (a task of a dropped queue is gone).
+    """
+    by_queue: dict[str, list[uuid.UUID]] = {}
+    for queue, task_id in selected:
+        by_queue.setdefault(queue, []).append(task_id)
+
+    def run(queues: list[str]) -> list[TaskRow]:
+        if not queues:
+            return []
+        branches: list[str] = []
+        params: list[Any] = []
+        for queue in queues:
+            branches.append(
+                f"(select %s::text as queue, {_LIST_COLUMNS} from {table('t', queue)} t "
+                f"left join {table('r', queue)} r on r.run_id = t.last_attempt_run where t.task_id = any(%s::uuid[]))"
+            )
+            params.extend([queue, by_queue[queue]])
+        found = rows(f"select * from ({' union all '.join(branches)}) picked order by task_id desc", params)
+        return [TaskRow.from_row(row) for row in found]
+
+    return over_queues(list(by_queue), run) if by_queue else []
+
+
+def matching_tasks(filters: TaskFilters, limit: int, *, page_size: int = 500) -> list[TaskRow]:
+    """Up to ``limit`` tasks matching ``filters``, newest first, read a page at a time by keyset."""
+    found: list[TaskRow] = []
+    after: uuid.UUID | None = None
+    while len(found) < limit:
+        page = task_page(filters, after=after, per_page=min(page_size, limit - len(found)), with_total=False)
+        found.extend(page.rows)
+        if not page.has_next or not page.rows:
+            break
+        after = uuid.UUID(page.rows[-1].task_id)
+    return found

@@ -15,6 +15,7 @@ from django.contrib.auth.models import Group, Permission, User
 from django.contrib.contenttypes.models import ContentType
 from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from django_absurd_agents import absurd, steps, tables, task_list, task_records
@@ -785,3 +786,91 @@ def test_pretty_json_cuts_huge_values_and_durations_read_well() -> None:
     assert format_duration(datetime.timedelta(hours=2, minutes=10)) == "2 h 10 min"
     assert format_duration(datetime.timedelta(days=3, hours=4)) == "3 d 4 h"
     assert format_duration(None) == ""
+
+
+# --- bulk actions ---------------------------------------------------------------------------------
+
+
+def failed_tasks(count: int) -> list[str]:
+    task_ids = []
+    for n in range(count):
+        task_id = absurd.spawn_sync("analyse", {"prompt": f"bulk {n}"}, max_attempts=1)["task_id"]
+        fail_by_claim_timeout(task_id)
+        task_ids.append(task_id)
+    return task_ids
+
+
+def bulk(client: Client, action: str, task_ids: list[str], **extra: Any) -> Any:
+    data = {"bulk_action": action, "task": [f"{task_id}:agents" for task_id in task_ids], **extra}
+    return client.post(url("bulk"), data)
+
+
+@pytest.mark.django_db
+def test_bulk_actions_need_their_own_permission_before_any_query(viewer: User, failed_task: str) -> None:
+    assert b'name="bulk_action"' not in client_for(viewer).get(url("changelist")).content  # nothing to select
+    retrier = make_user("retrier", "view_absurdtask", "retry_absurdtask")
+    for user, action in [(viewer, "retry"), (viewer, "cancel"), (retrier, "cancel"), (make_user("x"), "retry")]:
+        with CaptureQueriesContext(connection) as queries:
+            response = bulk(client_for(user), action, [failed_task], confirm="yes", mode="in_place", extra_attempts=1)
+        assert response.status_code == 403
+        assert not any("absurd." in query["sql"] for query in queries.captured_queries)
+    assert task_row(failed_task)["state"] == "failed"
+    text = client_for(retrier).get(url("changelist")).content.decode()
+    assert 'value="retry"' in text and 'value="cancel"' not in text
+    assert f'value="{failed_task}:agents"' in text
+
+
+@pytest.mark.django_db
+def test_bulk_retry_confirms_once_then_retries_each_with_a_log_entry(operator: User) -> None:
+    failed = failed_tasks(2)
+    pending = absurd.spawn_sync("analyse", {"prompt": "still waiting"})["task_id"]
+    client = client_for(operator)
+    assert client.get(url("bulk")).status_code == 302  # a GET changes nothing
+
+    page = bulk(client, "retry", [*failed, pending, str(uuid.uuid4())])
+    assert page.status_code == 200
+    text = page.content.decode()
+    assert "2 tasks to retry" in text and "Left alone" in text and pending in text and "is gone" in text
+    assert [task_row(task_id)["state"] for task_id in failed] == ["failed", "failed"]
+
+    done = bulk(client, "retry", failed, confirm="yes", mode="in_place", extra_attempts=2)
+    assert done.status_code == 302 and done["Location"] == url("changelist")
+    for task_id in failed:
+        assert task_row(task_id) | {"task_name": None} == {
+            "state": "pending",
+            "attempts": 2,
+            "max_attempts": 3,
+            "task_name": None,
+        }
+        [entry] = log_entries(task_id)
+        assert entry.action_flag == CHANGE and "Retried in place: attempt 2 of 3 (bulk action)." in entry.change_message
+    assert task_row(pending)["state"] == "pending" and log_entries(pending) == []
+
+
+@pytest.mark.django_db
+def test_bulk_retry_as_new_tasks_logs_both_sides(operator: User) -> None:
+    [failed] = failed_tasks(1)
+    bulk(client_for(operator), "retry", [failed], confirm="yes", mode="new", extra_attempts=3)
+    [entry] = log_entries(failed)
+    new_id = entry.change_message.split()[4]
+    assert task_row(new_id)["state"] == "pending" and task_row(new_id)["max_attempts"] == 3
+    assert [e.action_flag for e in log_entries(new_id)] == [ADDITION]
+
+
+@pytest.mark.django_db
+def test_bulk_cancel_cancels_each_unfinished_task(operator: User) -> None:
+    [failed] = failed_tasks(1)
+    pending = [absurd.spawn_sync("analyse", {"prompt": f"p{n}"})["task_id"] for n in range(3)]
+    client = client_for(operator)
+    assert "3 tasks to cancel" in bulk(client, "cancel", [*pending, failed]).content.decode()
+    bulk(client, "cancel", [*pending, failed], confirm="yes")
+    assert [task_row(task_id)["state"] for task_id in pending] == ["cancelled"] * 3
+    assert task_row(failed)["state"] == "failed"
+    assert all(len(log_entries(task_id)) == 1 for task_id in pending) and log_entries(failed) == []
+
+
+@pytest.mark.django_db
+def test_bulk_actions_are_csrf_protected(operator: User, pending_task: str) -> None:
+    client = client_for(operator, enforce_csrf_checks=True)
+    assert bulk(client, "cancel", [pending_task], confirm="yes").status_code == 403
+    assert task_row(pending_task)["state"] == "pending"

@@ -287,3 +287,63 @@ def test_a_catalogued_queue_without_tables_is_left_out_of_the_commands(db: Any) 
     assert str(task_id) in run("absurd_tasks")
     with pytest.raises(CommandError, match=re.escape("was not found in any queue (agents, other)")):
         run("absurd_cancel", SOME_ID)
+
+
+async def test_retry_several_ids_or_a_filter_with_a_dry_run(project_absurd: Any) -> None:
+    failed = [await spawn(project_absurd, "worker_fail", {"n": n}, max_attempts=1) for n in range(3)]
+    pending = await spawn(project_absurd, "worker_noop")
+    for _ in range(2):
+        await project_absurd.work_batch(claim_timeout=10, batch_size=10)
+    states = "select task_id::text, state from absurd.t_agents where task_id = any(%s::uuid[]) order by task_id"
+    assert {state for _, state in await asql(states, [failed])} == {"failed"}
+
+    dry = await arun("absurd_retry", "--state", "failed", "--task-name", "worker_fail", "--since", "1h", "--dry-run")
+    assert all(f"Would retry task {task_id} (worker_fail) in queue agents." in dry for task_id in failed)
+    assert "Would retry 3 task(s); skipped 0." in dry
+    assert {state for _, state in await asql(states, [failed])} == {"failed"}
+
+    out = await arun("absurd_retry", failed[0], failed[1], pending)
+    assert f"Task {failed[0]} in queue agents will run again: attempt 2" in out
+    assert f"Skipped task {pending} in queue agents: it is completed." in out
+    assert "Retried 2 task(s); skipped 1." in out
+    assert dict(await asql(states, [failed])) == {failed[0]: "pending", failed[1]: "pending", failed[2]: "failed"}
+
+    out = await arun("absurd_retry", "--task-name", "worker_fail", "--spawn-new")
+    assert f"with the params of {failed[2]}" in out and "Retried 1 task(s)" in out
+    assert "No task matches." in await arun("absurd_retry", "--task-name", "nothing_by_this_name")
+
+
+async def test_cancel_several_ids_or_a_filter_with_a_dry_run(project_absurd: Any) -> None:
+    waiting = [await spawn(project_absurd, "worker_noop", {"n": n}) for n in range(3)]
+    other = await spawn(project_absurd, "worker_other")
+    rows = "select task_id::text, state from absurd.t_agents where task_id = any(%s::uuid[])"
+
+    dry = await arun("absurd_cancel", "--task-name", "worker_noop", "--dry-run")
+    assert "Would cancel 3 task(s); skipped 0." in dry and other not in dry
+    assert {state for _, state in await asql(rows, [waiting])} == {"pending"}
+
+    out = await arun("absurd_cancel", "--state", "pending", "--task-name", "worker_noop", "--queue", "agents")
+    assert "Cancelled 3 task(s); skipped 0." in out
+    assert {state for _, state in await asql(rows, [waiting])} == {"cancelled"}
+
+    out = await arun("absurd_cancel", waiting[0], other)
+    assert f"Skipped task {waiting[0]} in queue agents: it is already cancelled." in out
+    assert f"Cancelled task {other} in queue other (it was pending)." in out
+    with pytest.raises(CommandError, match="was not found in any queue"):
+        await arun("absurd_cancel", other, "01900000-0000-7000-8000-000000000000")
+
+
+@pytest.mark.parametrize("command", ["absurd_retry", "absurd_cancel"])
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ([], "Give one or more task ids, or select tasks"),
+        ([SOME_ID, "--task-name", "x"], "not both"),
+        (["--since", "yesterday"], "give an age such as"),
+        (["--since", "0h"], "give an age such as"),
+        (["--task-name", "x", "--limit", "0"], "--limit must be at least 1"),
+        ([SOME_ID, "42"], "'42' is not a task id"),
+    ],
+)
+def test_bulk_selection_is_checked_before_any_sql(db: Any, command: str, args: list[str], match: str) -> None:
+    refused_before_sql(match, command, *args)

@@ -26,6 +26,19 @@ class RetryForm(forms.Form):
     )
 
 
+class BulkRetryForm(RetryForm):
+    """The retry of several tasks at once: the same choice, applied to each."""
+
+    mode = forms.ChoiceField(
+        choices=[
+            ("in_place", "Retry each task in place, with more attempts"),
+            ("new", "Spawn a new task for each, with the same params"),
+        ],
+        initial="in_place",
+        widget=forms.RadioSelect,
+    )
+
+
 class CancelForm(forms.Form):
     """Nothing to fill in: the POST itself (with its CSRF token) is the confirmation."""
 

@@ -21,7 +21,6 @@ from django.urls import URLPattern, path
 from django.utils.http import urlencode
 
 from django_absurd_agents import conf, sdk
-from django_absurd_agents.admin.actions import AbsurdTaskActions
 from django_absurd_agents.admin.base import (
     TEMPLATE_DIR,
     URL_PREFIX,
@@ -29,6 +28,7 @@ from django_absurd_agents.admin.base import (
     load_task,
     warn_about_queues_without_tables,
 )
+from django_absurd_agents.admin.bulk import AbsurdTaskBulkActions, bulk_choices
 from django_absurd_agents.admin.filters import (
     CREATED_PRESETS,
     ListQuery,
@@ -47,7 +47,7 @@ from django_absurd_agents.tables import STATES, locate_task, parse_uuid, queue_c
 from django_absurd_agents.task_list import TaskPage, task_names, task_page
 
 
-class AbsurdTaskAdmin(AbsurdTaskActions):
+class AbsurdTaskAdmin(AbsurdTaskBulkActions):
     """Tasks of every queue: list, detail, overview and the retry/cancel/emit actions."""
 
     def get_urls(self) -> list[URLPattern]:  # type: ignore[override]
@@ -63,6 +63,7 @@ class AbsurdTaskAdmin(AbsurdTaskActions):
             path("", wrap(self.changelist_view), name=f"{URL_PREFIX}_changelist"),
             path("overview/", wrap(self.overview_view), name=f"{URL_PREFIX}_overview"),
             path("emit/", wrap(self.emit_view), name=f"{URL_PREFIX}_emit"),
+            path("bulk/", wrap(self.bulk_view), name=f"{URL_PREFIX}_bulk"),
             path(f"{task}/", wrap(self.task_view), name=f"{URL_PREFIX}_detail"),
             path(f"{task}/retry/", wrap(self.retry_view), name=f"{URL_PREFIX}_retry"),
             path(f"{task}/cancel/", wrap(self.cancel_view), name=f"{URL_PREFIX}_cancel"),
@@ -95,6 +96,8 @@ class AbsurdTaskAdmin(AbsurdTaskActions):
             "missing_queue": missing_queue,
             "has_filters": query.filters.narrows_rows or query.queue is not None,
             "clear_url": "?",
+            "bulk_choices": bulk_choices(request),
+            "bulk_url": self.page_url("bulk"),
             **(extra_context or {}),
         }
         return TemplateResponse(request, f"{TEMPLATE_DIR}/task_list.html", context)

@@ -11,11 +11,15 @@ from __future__ import annotations
 import datetime
 import re
 import uuid
+from typing import Any
 
-from django.core.management.base import CommandError
+from django.core.management.base import CommandError, CommandParser
 from django.db import DatabaseError
+from django.utils import timezone
 
 from django_absurd_agents import conf, tables
+from django_absurd_agents.json_text import text_problem
+from django_absurd_agents.task_list import TaskFilters, TaskRow, matching_tasks, tasks_by_id
 
 
 def known_queues() -> list[str]:
@@ -95,3 +99,67 @@ def shortened(text: str, limit: int) -> str:
     if limit <= 0 or len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text) - limit} more characters; --full or --json shows everything)"
+
+
+_SINCE_RE = re.compile(r"(\d+)\s*(s|m|min|h|d|w)", re.IGNORECASE)
+_SINCE_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def since(value: str) -> datetime.timedelta:
+    """``--since 90s``, ``30m``, ``1h``, ``2d``, ``1w`` as a timedelta; a CommandError otherwise, before any SQL."""
+    match = _SINCE_RE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None or int(match.group(1)) <= 0:
+        raise CommandError(f"--since {value!r}: give an age such as 90s, 30m, 1h, 2d or 1w.")
+    return datetime.timedelta(seconds=int(match.group(1)) * _SINCE_UNITS[match.group(2).lower()])
+
+
+def add_selection_arguments(parser: CommandParser, *, states: tuple[str, ...], verb: str) -> None:
+    """Several ids, or a filter, and a dry run: the selection ``absurd_retry`` and ``absurd_cancel`` share."""
+    parser.add_argument("task_id", nargs="*", help=f"The id of each task to {verb} (or select them with a filter).")
+    parser.add_argument("--queue", "-q", help="The tasks' queue (found automatically otherwise).")
+    parser.add_argument(
+        "--state",
+        "-s",
+        action="append",
+        dest="states",
+        choices=states,
+        help=f"Filter: tasks in this state (repeatable; default {', '.join(states)}).",
+    )
+    parser.add_argument("--task-name", help="Filter: tasks with this task name.")
+    parser.add_argument("--since", help="Filter: tasks created within this age (90s, 30m, 1h, 2d, 1w).")
+    parser.add_argument(
+        "--limit", type=int, default=1000, help="Filter: at most this many tasks, newest first (default 1000)."
+    )
+    parser.add_argument("--dry-run", action="store_true", help=f"List the tasks it would {verb}; change nothing.")
+
+
+def filtered(options: dict[str, Any]) -> bool:
+    """Whether a filter option (``--state``, ``--task-name``, ``--since``) was given."""
+    return any(options.get(key) for key in ("states", "task_name", "since"))
+
+
+def selected_tasks(options: dict[str, Any], states: tuple[str, ...]) -> list[TaskRow]:
+    """The tasks named by id, or matched by the filter options (checked before any SQL)."""
+    ids = [task_id(value) for value in options["task_id"]]
+    if ids and filtered(options):
+        raise CommandError("Give task ids or a filter (--state, --task-name, --since), not both.")
+    if not ids and not filtered(options):
+        raise CommandError("Give one or more task ids, or select tasks with --state, --task-name or --since.")
+    if options["limit"] < 1:
+        raise CommandError("--limit must be at least 1.")
+    name = options.get("task_name")
+    problem = text_problem(name) if name else None
+    if problem:
+        raise CommandError(f"--task-name: {problem}")
+    age = since(options["since"]) if options.get("since") else None
+    if ids:
+        located = [(locate_task(identifier, options["queue"])[0], identifier) for identifier in dict.fromkeys(ids)]
+        return tasks_by_id(located)
+    queue = queue_option(options["queue"])
+    filters = TaskFilters(
+        queues=(queue,) if queue else tuple(known_queues()),
+        states=tuple(options.get("states") or states),
+        task_name=name or None,
+        created_since=timezone.now() - age if age else None,
+    )
+    return matching_tasks(filters, options["limit"]) if filters.queues else []

@@ -77,8 +77,6 @@ class ProjectAbsurd(AsyncAbsurd):
         )
         self._queue_override: str | None = None
 
-    # --- configuration read from settings -------------------------------------------------
-
     @property
     def _queue_name(self) -> str:  # type: ignore[override]
         return self._queue_override or conf.get().default_queue
@@ -144,8 +142,6 @@ class ProjectAbsurd(AsyncAbsurd):
         if conn is not None:
             await conn.close()
             self._conns.pop(asyncio.get_running_loop(), None)
-
-    # --- registration and spawning ---------------------------------------------------------
 
     def register_task(  # type: ignore[override]
         self,
@@ -285,15 +281,14 @@ class ProjectAbsurd(AsyncAbsurd):
             names = [column.name for column in cursor.description]
             return spawning.spawned(dict(zip(names, cursor.fetchone(), strict=True)))
 
-    # --- finding a task by id ---------------------------------------------------------------
-    #
-    # Calls by id check the id, and find the task, with plain SELECTs before any Absurd function
-    # runs: Absurd raises for an unknown id, which would abort the caller's transaction. Without
-    # queue_name the task is looked up in every catalogued queue (ids are unique across queues),
-    # so a task that TASK_ROUTES sent elsewhere is found too.
-
     def _search(self, task_id: TaskId, queue_name: str | None) -> tuple[uuid.UUID, str | None]:
-        """The id as a UUID and the queue to search (None: all), both checked before any SQL."""
+        """The id as a UUID and the queue to search (None: all), both checked before any SQL.
+
+        Calls by id find the task with plain SELECTs before any Absurd function runs: Absurd raises
+        for an unknown id, which would abort the caller's transaction. Without ``queue_name`` the task
+        is looked up in every catalogued queue (ids are unique across queues), so a task that
+        ``TASK_ROUTES`` sent elsewhere is found too.
+        """
         return validation.task_uuid(task_id), None if queue_name is None else self._checked_queue(queue_name)
 
     def locate_task_sync(self, task_id: TaskId, queue_name: str | None = None) -> tuple[str, str] | None:
@@ -319,8 +314,6 @@ class ProjectAbsurd(AsyncAbsurd):
         if located is None:
             raise validation.not_found(task_id, queue_name)
         return located
-
-    # --- results, events, cancel, retry -----------------------------------------------------
 
     async def fetch_task_result(  # type: ignore[override]
         self, task_id: TaskId, queue_name: str | None = None
@@ -419,8 +412,6 @@ class ProjectAbsurd(AsyncAbsurd):
             row = cursor.fetchone()
         return {"task_id": str(row[0]), "run_id": str(row[1]), "attempt": row[2], "created": row[3]}
 
-    # --- the event log of agent runs (event_log.py writes it, event_stream.py reads it) -----------
-
     def stream_events(self, task_id: TaskId, after: int | None = None) -> AsyncIterator[LoggedEvent]:
         """The task's event log after offset ``after``, live, ending with an ``end`` entry once the task is over."""
         from django_absurd_agents.event_stream import stream_events
@@ -440,8 +431,6 @@ class ProjectAbsurd(AsyncAbsurd):
     async def task_progress(self, task_id: TaskId, queue_name: str | None = None) -> progress.TaskProgress | None:
         """Async counterpart of ``task_progress_sync``."""
         return await progress.aread_progress(task_id, queue_name)
-
-    # --- execution --------------------------------------------------------------------------
 
     async def _execute_task(self, task: ClaimedTask, claim_timeout: int) -> None:
         """Run a claimed task; the SDK's ``work_batch`` and ``start_worker`` call this too."""

@@ -331,11 +331,13 @@ class ProjectAbsurd(AsyncAbsurd):
             return None
         with django_connection().cursor() as cursor:
             cursor.execute(_RESULT_SQL, [located[0], str(validation.task_uuid(task_id))])
-            row = cursor.fetchone()
+            row = _named(cursor)
         if row is None:
             return None
         # Django's cursor leaves jsonb as text.
-        return TaskResultSnapshot(state=row[0], result=load_json(row[1]), failure=load_json(row[2]))
+        return TaskResultSnapshot(
+            state=row["state"], result=load_json(row["result"]), failure=load_json(row["failure_reason"])
+        )
 
     async def await_task_result(  # type: ignore[override]
         self, task_id: TaskId, timeout: float | None = None, queue_name: str | None = None
@@ -409,8 +411,10 @@ class ProjectAbsurd(AsyncAbsurd):
                 "select task_id, run_id, attempt, created from absurd.retry_task(%s, %s, %s::jsonb)",
                 [queue, str(validation.task_uuid(task_id)), json.dumps(options)],
             )
-            row = cursor.fetchone()
-        return {"task_id": str(row[0]), "run_id": str(row[1]), "attempt": row[2], "created": row[3]}
+            row = _named(cursor)
+        assert row is not None  # absurd.retry_task returns a row or raises
+        return {"task_id": str(row["task_id"]), "run_id": str(row["run_id"]), "attempt": row["attempt"],
+                "created": row["created"]}  # fmt: skip
 
     def stream_events(self, task_id: TaskId, after: int | None = None) -> AsyncIterator[LoggedEvent]:
         """The task's event log after offset ``after``, live, ending with an ``end`` entry once the task is over."""
@@ -468,6 +472,12 @@ class ProjectAbsurd(AsyncAbsurd):
                 return await execute()
             result = user_hook(ctx, execute)
             return await result if asyncio.iscoroutine(result) else result
+
+
+def _named(cursor: Any) -> dict[str, Any] | None:
+    """The next row of a Django cursor, by column name."""
+    row = cursor.fetchone()
+    return None if row is None else dict(zip([column.name for column in cursor.description], row, strict=True))
 
 
 def encode_json(value: Any, *, what: str = "Task params", limit: int | None = None) -> str:

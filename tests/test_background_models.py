@@ -82,6 +82,7 @@ def polls(jobs: Path) -> list[int]:
     return [poll for event, _job, poll in provider_log(jobs) if event == "poll"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stream", [False, True], ids=["request", "streamed-request"])
 def test_a_background_job_frees_the_slot_and_each_poll_runs_once(
     env: dict[str, str], start_worker: Callable[..., WorkerProcess], jobs: Path, stream: bool
@@ -127,6 +128,7 @@ def test_a_background_job_frees_the_slot_and_each_poll_runs_once(
     assert order[0] == report and order[-1] == report and other in order, order
 
 
+@pytest.mark.slow
 def test_cancelling_the_task_during_a_poll_cancels_the_job(
     env: dict[str, str], start_worker: Callable[..., WorkerProcess], jobs: Path
 ) -> None:
@@ -143,3 +145,14 @@ def test_cancelling_the_task_during_a_poll_cancels_the_job(
     [(_cancel, job, poll)] = wait_until(cancelled, "the job to be cancelled at the provider", timeout=30)
     assert (job, poll) == (provider_log(jobs)[0][1], 0)  # the job the report submitted
     wait_until(lambda: all_in_state([report], "cancelled"), "the task to be cancelled")
+
+
+def test_outside_a_task_the_run_waits_in_process(jobs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.background_tasks import researcher
+
+    monkeypatch.setenv("BACKGROUND_JOBS", str(jobs))
+    (jobs / "release").touch()
+    result = researcher.run_sync("Write the quarterly report.")  # no task: no steps, an ordinary sleep
+    [(_submit, job, _zero), poll] = provider_log(jobs)
+    assert poll == ("poll", job, 1)
+    assert result.output == f"report of {job}, ready after 1 polls"

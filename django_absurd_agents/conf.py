@@ -58,6 +58,9 @@ DEFAULTS: dict[str, Any] = {
     # tasks, or owning the task's conversation), else a callable (or its dotted path) taking
     # (request, task_id) and returning a bool, or an awaitable of one (see docs/live-output.md).
     "EVENTS_ACCESS": None,
+    # A secret a Prometheus scraper sends as "Authorization: Bearer <token>" to read GET /agents/metrics
+    # without a login; None: only logged-in users with the view permission may read it.
+    "METRICS_TOKEN": None,
 }
 
 QUEUE_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -111,6 +114,7 @@ class AgentsSettings:
     max_connection_handbacks: int
     direct_database_url: str | None
     allow_schema_drop: bool
+    metrics_token: str | None = None
 
     @property
     def all_queues(self) -> tuple[str, ...]:
@@ -167,4 +171,5 @@ def _build() -> AgentsSettings:
         max_connection_handbacks=int(merged["MAX_CONNECTION_HANDBACKS"]),
         direct_database_url=merged["DIRECT_DATABASE_URL"] or None,
         allow_schema_drop=bool(merged["ALLOW_SCHEMA_DROP"]),
+        metrics_token=merged["METRICS_TOKEN"] or None,
     )

@@ -2,7 +2,7 @@
 
 from django.urls import URLPattern, URLResolver, path
 
-from django_absurd_agents import views, webhooks
+from django_absurd_agents import metrics, views, webhooks
 
 app_name = "absurd_agents"
 
@@ -10,4 +10,5 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("tasks/<uuid:task_id>/events", views.task_events, name="task_events"),
     path("conversations/<uuid:conversation_id>/chat", views.conversation_chat, name="conversation_chat"),
     path("hooks/<str:name>", webhooks.receive, name="webhook"),
+    path("metrics", metrics.metrics_view, name="metrics"),
 ]

@@ -22,8 +22,9 @@ from typing import Any
 
 import anyio
 from pydantic_ai import Agent
-from pydantic_ai.messages import ModelMessage, ModelResponse, ModelResponseStreamEvent, TextPart
+from pydantic_ai.messages import ModelMessage, ModelResponse, ModelResponseStreamEvent, TextPart, ToolCallPart
 from pydantic_ai.models import Model, ModelRequestParameters, StreamedResponse
+from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.settings import ModelSettings
 
 from django_absurd_agents import AbsurdAgent, absurd
@@ -153,4 +154,32 @@ async def background_report(params: Any, ctx: Any) -> dict[str, Any]:
     agent = live_researcher if params.get("stream") else researcher
     result = await agent.run("Write the quarterly report.")
     record("end", ctx.task_id)
+    return {"output": result.output}
+
+
+# A plain agent with a background model, run by a tool of a durable agent: its waits are inside the tool's step.
+plain_researcher = Agent(BackgroundJobModel(), name="plain_researcher")
+
+
+def _delegate(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    if len(messages) == 1:
+        return ModelResponse(parts=[ToolCallPart("research", {"topic": "revenue"})])
+    return ModelResponse(parts=[TextPart("delegated")])
+
+
+editor_inner = Agent(FunctionModel(_delegate), name="editor")
+
+
+@editor_inner.tool_plain
+async def research(topic: str) -> str:
+    """Research a topic."""
+    return (await plain_researcher.run(f"Research {topic}.")).output
+
+
+editor = AbsurdAgent(editor_inner, absurd)
+
+
+@absurd.register_task(name="background_in_tool")
+async def background_in_tool(params: Any, ctx: Any) -> dict[str, Any]:
+    result = await editor.run("Write it up.")
     return {"output": result.output}

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.db import connection
 
 from django_absurd_agents import absurd
@@ -156,3 +157,24 @@ def test_outside_a_task_the_run_waits_in_process(jobs: Path, monkeypatch: pytest
     [(_submit, job, _zero), poll] = provider_log(jobs)
     assert poll == ("poll", job, 1)
     assert result.output == f"report of {job}, ready after 1 polls"
+
+
+async def test_a_wait_inside_a_step_is_an_ordinary_sleep(
+    project_absurd: Any, jobs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain agent run by a tool waits in the worker: a suspension would throw the tool's step away."""
+    import tests.background_tasks  # noqa: F401  (registers the task in this process)
+
+    monkeypatch.setenv("BACKGROUND_JOBS", str(jobs))
+    (jobs / "release").touch()
+    spawned = await project_absurd.spawn("background_in_tool", {})
+    await project_absurd.work_batch(claim_timeout=30)  # one claim runs it to the end
+    snapshot = await project_absurd.fetch_task_result(spawned["task_id"])
+    assert snapshot is not None and snapshot.state == "completed", snapshot
+    assert [event for event, _job, _poll in provider_log(jobs)] == ["submit", "poll"]
+    names = await sync_to_async(checkpoints)(str(spawned["task_id"]))
+    assert names == [
+        "editor__function_toolset__<agent>.call_tool:research",
+        "editor__model.request",
+        "editor__model.request#2",
+    ]  # and no sleep checkpoint: the wait was in the tool's step, in process

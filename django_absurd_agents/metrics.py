@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse
+from django.utils import timezone
 from django.views.decorators.http import require_GET
 
 from django_absurd_agents import conf
+from django_absurd_agents.charts import run_id_floor
 from django_absurd_agents.queue_overview import QueueOverview, overview
 from django_absurd_agents.tables import over_queues, rows, table
 from django_absurd_agents.worker_record import Worker
@@ -83,12 +85,13 @@ def recent_runs(queues: list[str], window: datetime.timedelta = WINDOW) -> dict[
         "coalesce(sum(extract(epoch from r.started_at - r.available_at)) filter "
         "(where r.started_at >= since and r.available_at is not null), 0) as latency "
         f"from {table('r', q)} r, (select now() - %s::interval as since) w "
-        "where r.started_at >= since or r.completed_at >= since or r.failed_at >= since)"
+        "where r.run_id >= %s and (r.started_at >= since or r.completed_at >= since or r.failed_at >= since))"
         for q in queues
     ]
+    floor = run_id_floor(timezone.now() - window)
     params: list[Any] = []
     for queue in queues:
-        params.extend([queue, window])
+        params.extend([queue, window, floor])
     return {
         row["queue"]: RunCounts(int(row["started"]), int(row["completed"]), int(row["failed"]), float(row["latency"]))
         for row in rows(" union all ".join(branches), params)

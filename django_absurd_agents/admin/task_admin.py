@@ -39,6 +39,7 @@ from django_absurd_agents.admin.filters import (
 )
 from django_absurd_agents.admin.permissions import VIEW_PERM, require, user_can
 from django_absurd_agents.admin.worker_admin import worker_links
+from django_absurd_agents.charts import queue_charts
 from django_absurd_agents.client import absurd
 from django_absurd_agents.models import AbsurdTask
 from django_absurd_agents.queue_overview import overview
@@ -173,10 +174,13 @@ class AbsurdTaskAdmin(AbsurdTaskBulkActions):
         require(request, VIEW_PERM)
         warn_about_queues_without_tables(request, queue_catalog())
         list_url = self.page_url("changelist")
+        queues = overview()
+        charts = {item.queue: item for item in queue_charts(queues[0].now)} if queues else {}
         items = [
             {
                 "queue": item,
                 "url": f"{list_url}?{urlencode({'queue': item.queue})}",
+                "charts": charts.get(item.queue),
                 "states": [
                     {
                         "state": state,
@@ -186,7 +190,7 @@ class AbsurdTaskAdmin(AbsurdTaskBulkActions):
                     for state, count in item.state_counts
                 ],
             }
-            for item in overview()
+            for item in queues
         ]
         context = {**self.page_context(request, "Absurd overview"), "items": items, "states": STATES}
         return TemplateResponse(request, f"{TEMPLATE_DIR}/overview.html", context)

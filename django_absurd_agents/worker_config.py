@@ -147,7 +147,10 @@ def discover_tasks(extra_modules: Iterable[str] | None = None) -> None:
     try:
         autodiscover_modules("tasks")
     except ImportError as exc:
-        raise WorkerError(missing_provider(exc, "Importing the apps' tasks modules") or str(exc)) from exc
+        hint = missing_provider(exc, "Importing the apps' tasks modules")
+        if hint is None:
+            raise  # the whole traceback: the import that failed is in the project's code
+        raise WorkerError(hint) from exc
     load_resolvers()  # @task functions of the django.tasks backend run here too (backends.py)
     modules = conf.get().task_modules if extra_modules is None else tuple(extra_modules)
     for module in modules:

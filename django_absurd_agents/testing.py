@@ -201,7 +201,10 @@ def clean_queues(using: str | None = None) -> None:
     Django's ``TransactionTestCase`` flushes the tables of models only; Absurd's are not models. A
     database without the Absurd schema is left alone.
     """
-    with connections[using or conf.get().database_alias].cursor() as cursor:
+    connection = connections[using or conf.get().database_alias]
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
         cursor.execute("select to_regclass('absurd.queues') is not null")
         row = cursor.fetchone()
         if not row or not row[0]:

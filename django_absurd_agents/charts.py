@@ -13,6 +13,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.utils import timezone
+
 from django_absurd_agents.tables import over_queues, rows, table
 
 SERIES = ("started", "completed", "failed")
@@ -105,7 +107,7 @@ def _chart(title: str, buckets: list[datetime.datetime], counts: dict[tuple[str,
             value = counts.get((series, bucket), 0)
             if value:
                 height = max(value * scale, 1.0)
-                label = f"{bucket:%H:%M}: {value} {series}"
+                label = f"{timezone.localtime(bucket):%H:%M}: {value} {series}"
                 chart.bars.append(
                     Bar(
                         round(x + j * (bar_width + 0.4), 1),
@@ -118,7 +120,9 @@ def _chart(title: str, buckets: list[datetime.datetime], counts: dict[tuple[str,
                 )
     step = max(len(buckets) // 6, 1)
     chart.labels = [
-        (round(chart.left + i * slot, 1), f"{bucket:%H:%M}") for i, bucket in enumerate(buckets) if i % step == 0
+        (round(chart.left + i * slot, 1), f"{timezone.localtime(bucket):%H:%M}")
+        for i, bucket in enumerate(buckets)
+        if i % step == 0
     ]
     return chart
 

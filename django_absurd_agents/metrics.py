@@ -34,17 +34,6 @@ VIEW_PERM = "absurd_agents.view_absurdtask"
 WINDOW = datetime.timedelta(hours=1)
 """Runs and steps are counted over this window, ending at the scrape."""
 
-STEP_KIND_SQL = (
-    "case when c.checkpoint_name ~ '__model\\.request' then 'model' "
-    "when c.checkpoint_name ~ '\\.call_tool' then 'tool' else 'other' end"
-)
-"""A checkpoint's kind from its name, as ``steps.parse_step_name`` reads it (model request, tool call)."""
-
-_TOKENS_SQL = (
-    "coalesce(sum(case when jsonb_typeof(c.state->'usage'->'{key}') = 'number' "
-    "then (c.state->'usage'->>'{key}')::numeric end), 0)"
-)
-
 
 def allowed(request: HttpRequest) -> bool:
     """The bearer token when one is configured and sent, else the user's view permission."""
@@ -105,11 +94,14 @@ def recent_steps(
     if not queues:
         return {}, {}
     branches = [
-        f"(select %s::text as queue, {STEP_KIND_SQL} as kind, count(*) as n, "
-        f"{_TOKENS_SQL.format(key='input_tokens')} as input_tokens, "
-        f"{_TOKENS_SQL.format(key='output_tokens')} as output_tokens "
-        f"from {table('c', q)} c where c.updated_at >= now() - %s::interval group by 2)"
-        for q in queues
+        "(select %s::text as queue, case when c.checkpoint_name ~ '__model\\.request' then 'model' "
+        "when c.checkpoint_name ~ '\\.call_tool' then 'tool' else 'other' end as kind, count(*) as n, "
+        "coalesce(sum(case when jsonb_typeof(c.state->'usage'->'input_tokens') = 'number' "
+        "then (c.state->'usage'->>'input_tokens')::numeric end), 0) as input_tokens, "
+        "coalesce(sum(case when jsonb_typeof(c.state->'usage'->'output_tokens') = 'number' "
+        "then (c.state->'usage'->>'output_tokens')::numeric end), 0) as output_tokens "
+        f"from {table('c', queue)} c where c.updated_at >= now() - %s::interval group by 2)"
+        for queue in queues
     ]
     params: list[Any] = []
     for queue in queues:

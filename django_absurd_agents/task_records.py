@@ -12,6 +12,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.utils import timezone
+
 from django_absurd_agents.tables import ACTIVE_STATES, over_queues, rows, table
 
 
@@ -136,6 +138,24 @@ class TaskDetail:
     @property
     def can_cancel(self) -> bool:
         return self.state in ACTIVE_STATES
+
+    @property
+    def can_emit(self) -> bool:
+        """An event can still wake this task: it has not finished."""
+        return self.state in ACTIVE_STATES
+
+    @property
+    def sleep_reason(self) -> str | None:
+        """What a ``sleeping`` task waits for, in words: an event, a retry after a failed attempt, or a time."""
+        run = self.last_run
+        if self.state != "sleeping" or run is None:
+            return None
+        if run.wake_event:
+            return f"waiting for the event {run.wake_event}"
+        when = f" at {timezone.localtime(run.available_at):%Y-%m-%d %H:%M:%S}" if run.available_at else ""
+        if run.attempt > 1 and run.started_at is None:
+            return f"waiting to retry: attempt {run.attempt - 1} failed, attempt {run.attempt} starts{when}"
+        return f"sleeping until{when}" if when else "sleeping"
 
 
 def task_detail(queue: str, task_id: uuid.UUID) -> TaskDetail | None:

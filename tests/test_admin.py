@@ -874,3 +874,28 @@ def test_bulk_actions_are_csrf_protected(operator: User, pending_task: str) -> N
     client = client_for(operator, enforce_csrf_checks=True)
     assert bulk(client, "cancel", [pending_task], confirm="yes").status_code == 403
     assert task_row(pending_task)["state"] == "pending"
+
+
+# --- wording --------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_a_sleeping_task_waiting_for_a_retry_says_so(viewer: User) -> None:
+    task_id = absurd.spawn_sync("analyse", {"prompt": "again"}, max_attempts=3)["task_id"]
+    with connection.cursor() as cursor:
+        cursor.execute("select task_id from absurd.claim_task('agents', 'doomed-worker', 1, 1)")
+        cursor.execute("select set_config('absurd.fake_now', (clock_timestamp() + interval '1 minute')::text, false)")
+        try:
+            cursor.execute("select count(*) from absurd.claim_task('agents', 'sweeper', 1, 1)")
+        finally:
+            cursor.execute("select set_config('absurd.fake_now', '', false)")
+    assert task_row(task_id)["state"] == "sleeping"
+    text = client_for(viewer).get(task_url("agents", task_id)).content.decode()
+    assert "waiting to retry: attempt 1 failed, attempt 2 starts at " in text
+
+
+@pytest.mark.django_db
+def test_emit_is_not_offered_on_a_finished_task(operator: User, failed_task: str, pending_task: str) -> None:
+    client = client_for(operator)
+    assert "Emit an event…" not in client.get(task_url("agents", failed_task)).content.decode()
+    assert "Emit an event…" in client.get(task_url("agents", pending_task)).content.decode()

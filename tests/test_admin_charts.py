@@ -13,7 +13,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from django_absurd_agents import absurd, charts
-from tests.test_admin import client_for, make_user
+from tests.test_admin import client_for, make_user, task_url
 
 OVERVIEW = "admin:absurd_agents_absurdtask_overview"
 
@@ -81,7 +81,7 @@ def test_bars_scale_to_the_peak_and_render_without_localized_decimals(settings: 
     assert chart.peak == 10 and chart.totals == {"started": 10, "completed": 0, "failed": 5}
     started, failed = chart.bars
     assert started.height == pytest.approx(2 * failed.height, abs=0.2)
-    assert failed.title == "12:30: 5 failed"
+    assert failed.title == f"{timezone.localtime(minutes[3]):%H:%M}: 5 failed"  # in the site's TIME_ZONE
     from django.template.loader import render_to_string
 
     settings.LANGUAGE_CODE = "de"
@@ -92,3 +92,51 @@ def test_bars_scale_to_the_peak_and_render_without_localized_decimals(settings: 
         svg = render_to_string("admin/absurd_agents/_chart.html", {"chart": chart, "label": "q"})
     assert re.search(r'width="\d+\.\d+"', svg) and not re.search(r'="\d+,\d+"', svg)
     assert timezone.is_aware(now)
+
+
+def crash_and_resume(max_attempts: int = 2) -> str:
+    """A task whose first worker "dies": its lease expires, a second worker claims attempt 2."""
+    task_id = absurd.spawn_sync("analyse", {"prompt": "crash me"}, max_attempts=max_attempts)["task_id"]
+    with connection.cursor() as cursor:
+        cursor.execute("select run_id from absurd.claim_task('agents', 'doomed-worker', 1, 1)")
+        first_run = cursor.fetchone()[0]
+        for name in ("analyst__model.request", "analyst__function_toolset__<agent>.call_tool:quote"):
+            cursor.execute(
+                "insert into absurd.c_agents (task_id, checkpoint_name, state, owner_run_id) "
+                "values (%s, %s, '{}'::jsonb, %s)",
+                [task_id, name, first_run],
+            )
+        cursor.execute("select set_config('absurd.fake_now', (clock_timestamp() + interval '1 minute')::text, false)")
+        try:
+            cursor.execute("select count(*) from absurd.claim_task('agents', 'sweeper', 60, 1)")  # expires the lease
+            cursor.execute("select set_config('absurd.fake_now', (clock_timestamp() + interval '1 hour')::text, false)")
+            cursor.execute("select run_id from absurd.claim_task('agents', 'rescuer', 60, 1)")  # after the backoff
+            second_run = cursor.fetchone()[0]
+        finally:
+            cursor.execute("select set_config('absurd.fake_now', '', false)")
+        cursor.execute(
+            "insert into absurd.c_agents (task_id, checkpoint_name, state, owner_run_id, updated_at) "
+            "values (%s, 'analyst__model.request#2', '{}'::jsonb, %s, now() + interval '61 minutes')",
+            [task_id, second_run],
+        )
+    return task_id
+
+
+@pytest.mark.django_db
+def test_task_timeline_shows_a_crash_and_the_resume() -> None:
+    task_id = crash_and_resume()
+    html = client_for(make_user("viewer", "view_absurdtask")).get(task_url("agents", task_id)).content.decode()
+    svg = html.split('<svg xmlns="http://www.w3.org/2000/svg" class="absurd-timeline"')[1].split("</svg>")[0]
+    assert svg.count('<g class="lane') == 2
+    assert "Attempt 1 · doomed-worker" in svg and "Attempt 2 · rescuer" in svg
+    assert "lease expired" in svg and 'class="end">running<' in svg
+    assert svg.count('class="mark model"') == 2 and svg.count('class="mark tool"') == 1
+    first, second = re.findall(r'<rect x="([\d.]+)"', svg)
+    assert float(second) > float(first)  # the resume starts after the crash
+
+
+@pytest.mark.django_db
+def test_a_task_never_claimed_has_no_timeline() -> None:
+    task_id = absurd.spawn_sync("analyse", {"prompt": "later"})["task_id"]
+    html = client_for(make_user("viewer", "view_absurdtask")).get(task_url("agents", task_id)).content.decode()
+    assert "absurd-timeline" not in html.split("</style>")[-1]

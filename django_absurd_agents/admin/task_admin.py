@@ -18,6 +18,7 @@ from django.contrib import messages
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path
+from django.utils import timezone
 from django.utils.http import urlencode
 
 from django_absurd_agents import conf, sdk
@@ -46,6 +47,7 @@ from django_absurd_agents.queue_overview import overview
 from django_absurd_agents.steps import decode_steps
 from django_absurd_agents.tables import STATES, locate_task, parse_uuid, queue_catalog
 from django_absurd_agents.task_list import TaskPage, task_names, task_page
+from django_absurd_agents.timeline import timeline
 
 
 class AbsurdTaskAdmin(AbsurdTaskBulkActions):
@@ -156,6 +158,7 @@ class AbsurdTaskAdmin(AbsurdTaskBulkActions):
             "cancel_url": self.task_url(queue, detail.task_id, "cancel"),
             "emit_task_url": emit_url,
             "workers": worker_links(request, claimed_by, self.admin_site.name),
+            "timeline": timeline(detail, timezone.now()),
         }
         return TemplateResponse(request, f"{TEMPLATE_DIR}/task_detail.html", context)
 

@@ -16,8 +16,10 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
 
+from django_absurd_agents.charts import Chart
 from django_absurd_agents.json_text import pretty_json
 from django_absurd_agents.steps import Step
+from django_absurd_agents.timeline import Timeline
 
 register = template.Library()
 
@@ -117,4 +119,64 @@ def absurd_worker(worker_id: str | None, workers: dict[str, dict[str, str]]) -> 
         worker_id,
         link["status"],
         link["status"],
+    )
+
+
+@register.filter
+def absurd_timeline(line: Timeline) -> SafeString | str:
+    """A task's attempts as an inline SVG: a bar per attempt, a tick per checkpoint (``timeline.Timeline``).
+
+    Built here rather than in a template for the same reason as a step's card: hundreds of marks.
+    """
+    if line.empty:
+        return ""
+    lanes = format_html_join(
+        "\n",
+        '<g class="lane {}"><text x="4" y="{}" class="label">{}</text>'
+        '<rect x="{}" y="{}" width="{}" height="14" rx="3" class="bar {}"><title>{}</title></rect>'
+        '{}<text x="{}" y="{}" class="end">{}</text></g>',
+        (
+            (
+                lane.state,
+                lane.y + 11,
+                lane.label[:28],
+                lane.x,
+                lane.y,
+                lane.width,
+                lane.state,
+                lane.title,
+                format_html_join(
+                    "",
+                    '<line x1="{}" y1="{}" x2="{}" y2="{}" class="mark {}"><title>{}</title></line>',
+                    ((m.x, lane.y - 2, m.x, lane.y + 16, m.kind, m.title) for m in lane.marks),
+                ),
+                min(lane.x + lane.width + 4, line.width - 80),
+                lane.y + 11,
+                lane.end_note,
+            )
+            for lane in line.lanes
+        ),
+    )
+    ticks = format_html_join(
+        "", '<text x="{}" y="{}" class="tick">{}</text>', ((x, line.height - 4, text) for x, text in line.ticks)
+    )
+    return format_html(
+        '<svg xmlns="http://www.w3.org/2000/svg" class="absurd-timeline" id="absurd-timeline" viewBox="0 0 {} {}" '
+        'width="{}" height="{}" role="img" aria-label="Timeline of the attempts">{}{}</svg>',
+        line.width,
+        line.height,
+        line.width,
+        line.height,
+        lanes,
+        ticks,
+    )
+
+
+@register.filter
+def absurd_chart_bars(chart: Chart) -> SafeString:
+    """The bars of an overview chart (``charts.Chart``) as SVG rects; a filter, as a day holds hundreds."""
+    return format_html_join(
+        "",
+        '<rect x="{}" y="{}" width="{}" height="{}" class="{}"><title>{}</title></rect>',
+        ((bar.x, bar.y, bar.width, bar.height, bar.series, bar.title) for bar in chart.bars),
     )

@@ -1,0 +1,89 @@
+"""The operations pages in a real headless Chromium: the overview's charts, the worker list, a task's timeline.
+
+Driven like ``test_admin_browser`` (Chromium at /usr/bin/chromium over the DevTools pipe; a missing
+Chromium fails, never skips). Screenshots go to the test's temporary directory, never over tracked
+files.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+from django.contrib.auth.models import User
+from django.urls import reverse
+from django.utils import timezone
+
+from django_absurd_agents.models import Worker
+from tests.test_admin import task_url
+from tests.test_admin_browser import DevToolsPipe, browser, site  # noqa: F401  (fixtures)
+from tests.test_admin_charts import crash_and_resume
+
+pytestmark = pytest.mark.slow
+
+
+def screenshot(browser: DevToolsPipe, path: Path) -> bytes:  # noqa: F811
+    png = base64.b64decode(browser.call("Page.captureScreenshot", {"format": "png"})["data"])
+    assert png.startswith(b"\x89PNG") and len(png) > 20_000
+    path.write_bytes(png)
+    return png
+
+
+def drawn_width(browser: DevToolsPipe, selector: str) -> float:  # noqa: F811
+    return float(browser.evaluate(f"document.querySelector({selector!r}).getBoundingClientRect().width"))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_overview_workers_and_timeline_in_a_browser(
+    site: str,  # noqa: F811
+    browser: DevToolsPipe,  # noqa: F811
+    clean_queues: None,
+    tmp_path: Path,
+) -> None:
+    User.objects.create_superuser("admin", "admin@example.org", "correct horse battery")
+    task_id = crash_and_resume()
+    now = timezone.now()
+    Worker.objects.create(
+        worker_id="rescuer",
+        host="box-1",
+        pid=4242,
+        queues=["agents"],
+        concurrency=4,
+        version="0.1.0",
+        heartbeat_interval=5.0,
+        started=now,
+        last_heartbeat=now,
+        tasks_in_flight=1,
+        tasks_done=12,
+    )
+    overview = reverse("admin:absurd_agents_absurdtask_overview")
+    browser.navigate(f"{site}/admin/login/?next={overview}")
+    browser.submit_and_wait(
+        "document.querySelector('#id_username').value = 'admin';"
+        "document.querySelector('#id_password').value = 'correct horse battery';"
+        "document.querySelector('#login-form').submit();"
+    )
+    assert browser.evaluate("location.pathname") == overview
+    assert "Runs over time" in browser.evaluate("document.body.innerText")
+    assert browser.evaluate("document.querySelectorAll('figure.absurd-chart svg').length") == 4
+    assert drawn_width(browser, "figure.absurd-chart svg") > 300
+    assert browser.evaluate("document.querySelectorAll('figure.absurd-chart rect').length") >= 2
+    screenshot(browser, tmp_path / "overview.png")
+
+    browser.navigate(f"{site}{reverse('admin:absurd_agents_worker_changelist')}")
+    text = browser.evaluate("document.body.innerText")
+    assert "rescuer" in text and "box-1" in text and "alive" in text
+    screenshot(browser, tmp_path / "workers.png")
+
+    browser.navigate(f"{site}{task_url('agents', task_id)}")
+    assert drawn_width(browser, "#absurd-timeline") > 300
+    assert browser.evaluate("document.querySelectorAll('#absurd-timeline .lane').length") == 2
+    assert browser.evaluate("document.querySelectorAll('#absurd-timeline .mark').length") == 3
+    assert "lease expired" in browser.evaluate("document.querySelector('#absurd-timeline').textContent")
+    link = browser.evaluate(
+        "document.querySelector('a.absurd-worker') && document.querySelector('a.absurd-worker').textContent"
+    )
+    assert link == "rescuer"
+    screenshot(browser, tmp_path / "task-timeline.png")
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["overview.png", "task-timeline.png", "workers.png"]

@@ -227,7 +227,7 @@ class EventLogWriter:
         discard_after = min(unfinished) - 1 if unfinished else (last_offset or 0)
         marker = {"attempt": self.attempt, "discard_after": discard_after}
         async with self._lock:
-            await self._write([_Entry(ATTEMPT, marker)])
+            await self._write([_Entry(ATTEMPT, marker, position=f"{self._execution}:0")])
 
     # --- buffering ------------------------------------------------------------------------------
 
@@ -298,6 +298,9 @@ class EventLogWriter:
             if not self._entries or self._error is not None:
                 return False
             entries, self._entries = self._entries, []
+            timer, self._timer = self._timer, None
+            if timer is not None:  # nothing left to wait for: the next event starts a new batch
+                timer.cancel()
             ctx = self.ctx
             params = {
                 **self._params(entries),

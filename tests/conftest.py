@@ -5,7 +5,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from django.db import connection
+from django.db import OperationalError, connection
 
 
 def database_url() -> str:
@@ -48,8 +48,13 @@ async def project_absurd(transactional_db: Any, clean_queues: None) -> Any:
 def _drop_stray_sessions(django_db_setup: Any, django_db_blocker: Any) -> Iterator[None]:
     """Before the test database is destroyed, end sessions that killed workers left behind."""
     yield
-    with django_db_blocker.unblock(), connection.cursor() as cursor:
-        cursor.execute(
-            "select pg_terminate_backend(pid) from pg_stat_activity "
-            "where datname = current_database() and pid <> pg_backend_pid()"
-        )
+    with django_db_blocker.unblock():
+        try:
+            cursor = connection.cursor()
+        except OperationalError:  # no test used the database, so none was created: nothing to end
+            return
+        with cursor:
+            cursor.execute(
+                "select pg_terminate_backend(pid) from pg_stat_activity "
+                "where datname = current_database() and pid <> pg_backend_pid()"
+            )

@@ -164,10 +164,16 @@ def test_an_answer_is_stored_once_per_task() -> None:
 # --- a worker killed between the store's commit and the step's checkpoint ----------------------------
 
 
-def backends(conn: psycopg.Connection[Any], besides: set[int]) -> list[int]:
-    """The server sessions on the test database, but ``besides``."""
-    rows = conn.execute("select pid from pg_stat_activity where datname = current_database()").fetchall()
-    return [pid for (pid,) in rows if pid not in besides]
+DOOMED = "absurd-agents-doomed-worker"
+"""The application_name (libpq's PGAPPNAME) of the worker that is killed: only its sessions are ended."""
+
+
+def backends(conn: psycopg.Connection[Any]) -> list[int]:
+    """The server sessions of the doomed worker on the test database."""
+    rows = conn.execute(
+        "select pid from pg_stat_activity where datname = current_database() and application_name = %s", [DOOMED]
+    ).fetchall()
+    return [pid for (pid,) in rows]
 
 
 @pytest.mark.slow
@@ -184,10 +190,9 @@ def test_a_worker_killed_after_storing_the_answer_and_before_the_checkpoint_stor
         psycopg.connect(database_url()) as table_lock,
         psycopg.connect(database_url(), autocommit=True) as watcher,
     ):
-        ours = set(backends(watcher, set()))  # every session but the worker's: only its own are ended below
         # 1. The worker will block in the store's UPDATE of the conversation, after the model answered.
         row_lock.execute("select 1 from absurd_agents_conversation where id = %s for update", [conversation.pk])
-        worker = workers(CALL_LOG=str(call_log))
+        worker = workers(CALL_LOG=str(call_log), PGAPPNAME=DOOMED)
         wait_for(lambda: lock_waiters(watcher) == 1, "the worker waiting to store the answer")
         assert Turn.objects.get(pk=turn.pk).state == Turn.State.RUNNING
         # 2. Its checkpoint write will block on the checkpoint table; let the store's write go.
@@ -200,9 +205,10 @@ def test_a_worker_killed_after_storing_the_answer_and_before_the_checkpoint_stor
         # 3. SIGKILL, and end its server sessions too, so that the blocked checkpoint can never land.
         os.kill(worker.pid, signal.SIGKILL)
         assert worker.wait(timeout=60) == -signal.SIGKILL
-        for pid in backends(watcher, ours):
+        assert backends(watcher), "the worker's sessions carry its application_name"
+        for pid in backends(watcher):
             watcher.execute("select pg_terminate_backend(%s)", [pid])
-        wait_for(lambda: not backends(watcher, ours), "the killed worker's sessions to end")
+        wait_for(lambda: not backends(watcher), "the killed worker's sessions to end")
         table_lock.rollback()
 
     assert "save_turn" not in checkpoint_names(turn)

@@ -1,9 +1,9 @@
 """The overview's pictures: runs started, completed and failed per minute and per hour, per queue.
 
 Read with one statement per page (a branch per queue) over the runs of the last day, found by the
-range of their ids (``run_id_floor``) and counted per minute in SQL; the hour chart sums the
-minutes. The geometry (bars, axis labels) is computed here as plain numbers; the SVG markup is in
-the template ``admin/absurd_agents/_chart.html``, so the page needs no JavaScript and no CDN.
+range of their ids (``run_id_floor``) and counted per minute and per hour in SQL. The geometry
+(bars, axis labels) is computed here as plain numbers; the SVG markup is in the template
+``admin/absurd_agents/_chart.html``, so the page needs no JavaScript and no CDN.
 """
 
 from __future__ import annotations
@@ -72,29 +72,43 @@ def run_id_floor(since: datetime.datetime) -> uuid.UUID:
     return uuid.UUID(int=max(millis, 0) << 80)
 
 
-def minute_counts(queues: list[str], now: datetime.datetime) -> dict[str, dict[tuple[str, datetime.datetime], int]]:
-    """Per queue: (series, minute) -> runs that started, completed or failed in that minute of the last day."""
+Counts = dict[tuple[str, datetime.datetime], int]
+
+
+def run_counts(queues: list[str], now: datetime.datetime) -> dict[str, tuple[Counts, Counts]]:
+    """Per queue: (series, minute) counts over the last hour and (series, hour) counts over the last day.
+
+    One statement; each queue's branch aggregates with two grouping sets, so at most 60 + 24 rows per
+    series come back, however many runs there were.
+    """
     if not queues:
         return {}
     branches = [
-        f"(select %s::text as queue, v.series, date_trunc('minute', v.at) as minute, count(*) as n "
+        "(select %s::text as queue, v.series, "
+        "case when v.at >= %s then date_trunc('minute', v.at) end as minute, "
+        "date_trunc('hour', v.at) as hour, count(*) as n "
         f"from {table('r', q)} r cross join lateral (values ('started', r.started_at), "
         "('completed', r.completed_at), ('failed', r.failed_at)) v(series, at) "
         "where r.run_id >= %s and (r.started_at >= %s or r.completed_at >= %s or r.failed_at >= %s) and v.at >= %s "
-        "group by 2, 3)"
+        "group by grouping sets ((2, 3), (2, 4)))"
         for q in queues
     ]
     since = now - datetime.timedelta(days=1)
+    hour_ago = now - datetime.timedelta(hours=1)
     params: list[Any] = []
     for queue in queues:
-        params.extend([queue, run_id_floor(since), since, since, since, since])
-    found: dict[str, dict[tuple[str, datetime.datetime], int]] = {queue: {} for queue in queues}
+        params.extend([queue, hour_ago, run_id_floor(since), since, since, since, since])
+    found: dict[str, tuple[Counts, Counts]] = {queue: ({}, {}) for queue in queues}
     for row in rows(" union all ".join(branches), params):
-        found[row["queue"]][(row["series"], row["minute"])] = int(row["n"])
+        minutes, hours = found[row["queue"]]
+        if row["minute"] is not None:
+            minutes[(row["series"], row["minute"])] = int(row["n"])
+        elif row["hour"] is not None:
+            hours[(row["series"], row["hour"])] = int(row["n"])
     return found
 
 
-def _chart(title: str, buckets: list[datetime.datetime], counts: dict[tuple[str, datetime.datetime], int]) -> Chart:
+def _chart(title: str, buckets: list[datetime.datetime], counts: Counts) -> Chart:
     chart = Chart(title=title)
     chart.totals = {s: sum(counts.get((s, b), 0) for b in buckets) for s in SERIES}
     chart.peak = max((counts.get((s, b), 0) for s in SERIES for b in buckets), default=0)
@@ -127,19 +141,11 @@ def _chart(title: str, buckets: list[datetime.datetime], counts: dict[tuple[str,
     return chart
 
 
-def _by_hour(counts: dict[tuple[str, datetime.datetime], int]) -> dict[tuple[str, datetime.datetime], int]:
-    hours: dict[tuple[str, datetime.datetime], int] = {}
-    for (series, minute), n in counts.items():
-        key = (series, minute.replace(minute=0))
-        hours[key] = hours.get(key, 0) + n
-    return hours
-
-
 def queue_charts(now: datetime.datetime) -> list[QueueCharts]:
     """Per queue: runs per minute over the last hour, and per hour over the last day."""
 
     def run(queues: list[str]) -> list[QueueCharts]:
-        counts = minute_counts(queues, now)
+        counts = run_counts(queues, now)
         minute = now.replace(second=0, microsecond=0)
         hour = minute.replace(minute=0)
         minutes = [minute - datetime.timedelta(minutes=m) for m in range(59, -1, -1)]
@@ -147,8 +153,8 @@ def queue_charts(now: datetime.datetime) -> list[QueueCharts]:
         return [
             QueueCharts(
                 queue=queue,
-                per_minute=_chart("Per minute, last hour", minutes, counts[queue]),
-                per_hour=_chart("Per hour, last day", hours, _by_hour(counts[queue])),
+                per_minute=_chart("Per minute, last hour", minutes, counts[queue][0]),
+                per_hour=_chart("Per hour, last day", hours, counts[queue][1]),
             )
             for queue in queues
         ]

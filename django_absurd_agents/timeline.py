@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from django.utils import timezone
 
+from django_absurd_agents.steps import parse_step_name
 from django_absurd_agents.task_records import TaskDetail
 
 WIDTH = 720.0
@@ -57,9 +58,23 @@ class Timeline:
 
 
 def _kind(name: str) -> str:
-    if "__model.request" in name:
-        return "model"
-    return "tool" if ".call_tool" in name else "step"
+    kind = parse_step_name(name).kind
+    return kind if kind in {"model", "tool"} else "step"
+
+
+def _readable(name: str) -> str:
+    """A checkpoint's name for people: ``model request 2``, ``tool quote (the agent's own tools)``."""
+    parsed = parse_step_name(name)
+    if parsed.kind == "model":
+        return f"model request {parsed.number}"
+    if parsed.kind == "tool":
+        own = " (the agent's own tools)" if "<agent>" in name else ""
+        return (
+            f"tool {parsed.tool or 'call'} {parsed.number}{own}"
+            if parsed.number > 1
+            else f"tool {parsed.tool or 'call'}{own}"
+        )
+    return name
 
 
 def timeline(task: TaskDetail, now: datetime.datetime) -> Timeline:
@@ -82,7 +97,7 @@ def timeline(task: TaskDetail, now: datetime.datetime) -> Timeline:
         if checkpoint.owner_run_id in by_run:
             at = f"{timezone.localtime(checkpoint.updated_at):%H:%M:%S.%f}"[:-3]
             by_run[checkpoint.owner_run_id].append(
-                Mark(x_of(checkpoint.updated_at), f"{checkpoint.name} at {at}", _kind(checkpoint.name))
+                Mark(x_of(checkpoint.updated_at), f"{_readable(checkpoint.name)} at {at}", _kind(checkpoint.name))
             )
     for index, run in enumerate(runs):
         assert run.started_at is not None

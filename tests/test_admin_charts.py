@@ -131,6 +131,7 @@ def test_task_timeline_shows_a_crash_and_the_resume() -> None:
     assert "Attempt 1 · doomed-worker" in svg and "Attempt 2 · rescuer" in svg
     assert "lease expired" in svg and 'class="end">running<' in svg
     assert svg.count('class="mark model"') == 2 and svg.count('class="mark tool"') == 1
+    assert "tool quote (the agent&#x27;s own tools) at " in svg and "model request 2 at " in svg
     first, second = re.findall(r'<rect x="([\d.]+)"', svg)
     assert float(second) > float(first)  # the resume starts after the crash
 

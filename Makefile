@@ -48,15 +48,20 @@ test: lint typecheck docs pytest test-django52
 
 # Django 5.2 LTS leg: a second venv with the same pins except Django 5.2 (and its stubs).
 VENV52 := .venv-django52
-test-django52: install
-	@test -f $(VENV52)/.installed || ( $(PYTHON) -m venv $(VENV52) && \
-		$(VENV52)/bin/python -m pip install --quiet --upgrade pip && \
-		grep -viE '^(django|django-stubs|django-stubs-ext)==' requirements-dev.txt > $(VENV52)/requirements.txt && \
-		$(VENV52)/bin/python -m pip install --quiet -r $(VENV52)/requirements.txt "django>=5.2,<5.3" "django-tasks==0.12.0" && \
-		$(VENV52)/bin/python -m pip install --quiet --no-deps -e . && \
-		$(VENV52)/bin/python -m pip install --quiet --no-deps --target $(VENV52)/absurdctl-0.5.0 absurdctl==0.5.0 && \
-		touch $(VENV52)/.installed )
+STAMP52 := $(VENV52)/.installed
+test-django52: install $(STAMP52)
 	$(VENV52)/bin/python -m pytest -q -m "not slow"
+
+# Rebuilt when the pins change, like .venv.
+$(STAMP52): pyproject.toml requirements-dev.txt
+	rm -rf $(VENV52)
+	$(PYTHON) -m venv $(VENV52)
+	$(VENV52)/bin/python -m pip install --quiet --upgrade pip
+	grep -viE '^(django|django-stubs|django-stubs-ext)==' requirements-dev.txt > $(VENV52)/requirements.txt
+	$(VENV52)/bin/python -m pip install --quiet -r $(VENV52)/requirements.txt "django>=5.2,<5.3" "django-tasks==0.12.0"
+	$(VENV52)/bin/python -m pip install --quiet --no-deps -e .
+	$(VENV52)/bin/python -m pip install --quiet --no-deps --target $(VENV52)/absurdctl-0.5.0 absurdctl==0.5.0
+	@touch $(STAMP52)
 
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet

@@ -15,11 +15,11 @@ from django.utils import timezone
 from django_absurd_agents import absurd, charts
 from tests.test_admin import client_for, make_user, task_url
 
-OVERVIEW = "admin:absurd_agents_absurdtask_overview"
+CHARTS = "admin:absurd_agents_absurdtask_charts"
 
 
 def overview_html(user: Any) -> str:
-    response = client_for(user).get(reverse(OVERVIEW))
+    response = client_for(user).get(reverse(CHARTS))
     assert response.status_code == 200
     return response.content.decode()
 
@@ -30,9 +30,16 @@ def chart_totals(html: str, queue_index: int = 1) -> list[str]:
 
 
 @pytest.mark.django_db
+def test_the_overview_links_to_the_charts_without_reading_runs_over_time() -> None:
+    client = client_for(make_user("viewer", "view_absurdtask"))
+    html = client.get(reverse("admin:absurd_agents_absurdtask_overview")).content.decode()
+    assert f'href="{reverse(CHARTS)}"' in html and '<figure class="absurd-chart">' not in html
+
+
+@pytest.mark.django_db
 def test_charts_are_not_read_without_the_view_permission() -> None:
     with CaptureQueriesContext(connection) as queries:
-        response = client_for(make_user("staff")).get(reverse(OVERVIEW))
+        response = client_for(make_user("staff")).get(reverse(CHARTS))
     assert response.status_code == 403 and b"<svg" not in response.content
     assert not any("absurd.r_" in q["sql"] or '"absurd"."r_' in q["sql"] for q in queries.captured_queries)
 

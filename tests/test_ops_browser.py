@@ -1,4 +1,4 @@
-"""The operations pages in a real headless Chromium: the overview's charts, the worker list, a task's timeline.
+"""The operations pages in a real headless Chromium: the overview and its charts, the worker list, a task's timeline.
 
 Driven like ``test_admin_browser`` (Chromium at /usr/bin/chromium over the DevTools pipe; a missing
 Chromium fails, never skips). Screenshots go to the test's temporary directory, never over tracked
@@ -58,6 +58,7 @@ def test_overview_workers_and_timeline_in_a_browser(
         tasks_done=12,
     )
     overview = reverse("admin:absurd_agents_absurdtask_overview")
+    charts = reverse("admin:absurd_agents_absurdtask_charts")
     browser.navigate(f"{site}/admin/login/?next={overview}")
     browser.submit_and_wait(
         "document.querySelector('#id_username').value = 'admin';"
@@ -65,11 +66,15 @@ def test_overview_workers_and_timeline_in_a_browser(
         "document.querySelector('#login-form').submit();"
     )
     assert browser.evaluate("location.pathname") == overview
+    assert "Runs over time" in browser.evaluate("document.querySelector('#absurd-charts-link').textContent")
+    screenshot(browser, tmp_path / "overview.png")
+
+    browser.navigate(f"{site}{charts}")
     assert "Runs over time" in browser.evaluate("document.body.innerText")
     assert browser.evaluate("document.querySelectorAll('figure.absurd-chart svg').length") == 4
     assert drawn_width(browser, "figure.absurd-chart svg") > 300
     assert browser.evaluate("document.querySelectorAll('figure.absurd-chart rect').length") >= 2
-    screenshot(browser, tmp_path / "overview.png")
+    screenshot(browser, tmp_path / "charts.png")
 
     browser.navigate(f"{site}{reverse('admin:absurd_agents_worker_changelist')}")
     text = browser.evaluate("document.body.innerText")
@@ -86,4 +91,9 @@ def test_overview_workers_and_timeline_in_a_browser(
     )
     assert link == "rescuer"
     screenshot(browser, tmp_path / "task-timeline.png")
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["overview.png", "task-timeline.png", "workers.png"]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "charts.png",
+        "overview.png",
+        "task-timeline.png",
+        "workers.png",
+    ]

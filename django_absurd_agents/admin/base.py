@@ -59,6 +59,7 @@ class AbsurdAdminBase(admin.ModelAdmin):  # type: ignore[type-arg]
             "title": title,
             "list_url": self.page_url("changelist"),
             "overview_url": self.page_url("overview"),
+            "charts_url": self.page_url("charts"),
             "emit_url": self.page_url("emit"),
             "can_retry": user_can(request, RETRY_PERM),
             "can_cancel": user_can(request, CANCEL_PERM),

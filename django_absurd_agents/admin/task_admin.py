@@ -65,6 +65,7 @@ class AbsurdTaskAdmin(AbsurdTaskBulkActions):
         return [
             path("", wrap(self.changelist_view), name=f"{URL_PREFIX}_changelist"),
             path("overview/", wrap(self.overview_view), name=f"{URL_PREFIX}_overview"),
+            path("overview/charts/", wrap(self.charts_view), name=f"{URL_PREFIX}_charts"),
             path("emit/", wrap(self.emit_view), name=f"{URL_PREFIX}_emit"),
             path("bulk/", wrap(self.bulk_view), name=f"{URL_PREFIX}_bulk"),
             path(f"{task}/", wrap(self.task_view), name=f"{URL_PREFIX}_detail"),
@@ -177,13 +178,10 @@ class AbsurdTaskAdmin(AbsurdTaskBulkActions):
         require(request, VIEW_PERM)
         warn_about_queues_without_tables(request, queue_catalog())
         list_url = self.page_url("changelist")
-        queues = overview()
-        charts = {item.queue: item for item in queue_charts(queues[0].now)} if queues else {}
         items = [
             {
                 "queue": item,
                 "url": f"{list_url}?{urlencode({'queue': item.queue})}",
-                "charts": charts.get(item.queue),
                 "states": [
                     {
                         "state": state,
@@ -193,10 +191,19 @@ class AbsurdTaskAdmin(AbsurdTaskBulkActions):
                     for state, count in item.state_counts
                 ],
             }
-            for item in queues
+            for item in overview()
         ]
         context = {**self.page_context(request, "Absurd overview"), "items": items, "states": STATES}
         return TemplateResponse(request, f"{TEMPLATE_DIR}/overview.html", context)
+
+    def charts_view(self, request: HttpRequest) -> HttpResponse:
+        """Runs over time per queue (``charts``), with each queue's depth and oldest waiting task."""
+        require(request, VIEW_PERM)
+        queues = overview()
+        charts = {item.queue: item for item in queue_charts(queues[0].now)} if queues else {}
+        items = [{"queue": item, "charts": charts.get(item.queue)} for item in queues]
+        context = {**self.page_context(request, "Runs over time"), "items": items}
+        return TemplateResponse(request, f"{TEMPLATE_DIR}/charts.html", context)
 
 
 class AbsurdOverviewAdmin(AbsurdAdminBase):

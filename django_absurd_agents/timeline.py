@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from django.utils import timezone
 
-from django_absurd_agents.steps import parse_step_name
+from django_absurd_agents.steps import StepName, parse_step_name
 from django_absurd_agents.task_records import TaskDetail
 
 WIDTH = 720.0
@@ -57,14 +57,14 @@ class Timeline:
         return not self.lanes
 
 
-def _kind(name: str) -> str:
-    kind = parse_step_name(name).kind
-    return kind if kind in {"model", "tool"} else "step"
-
-
-def _readable(name: str) -> str:
-    """A checkpoint's name for people: ``model request 2``, ``tool quote (the agent's own tools)``."""
+def _mark(x: float, name: str, at: str) -> Mark:
+    """A checkpoint's tick, named for people: ``model request 2``, ``tool quote (the agent's own tools)``."""
     parsed = parse_step_name(name)
+    kind = parsed.kind if parsed.kind in {"model", "tool"} else "step"
+    return Mark(x, f"{_readable(name, parsed)} at {at}", kind)
+
+
+def _readable(name: str, parsed: StepName) -> str:
     if parsed.kind == "model":
         return f"model request {parsed.number}"
     if parsed.kind == "tool":
@@ -96,9 +96,7 @@ def timeline(task: TaskDetail, now: datetime.datetime) -> Timeline:
     for checkpoint in task.checkpoints:
         if checkpoint.owner_run_id in by_run:
             at = f"{timezone.localtime(checkpoint.updated_at):%H:%M:%S.%f}"[:-3]
-            by_run[checkpoint.owner_run_id].append(
-                Mark(x_of(checkpoint.updated_at), f"{_readable(checkpoint.name)} at {at}", _kind(checkpoint.name))
-            )
+            by_run[checkpoint.owner_run_id].append(_mark(x_of(checkpoint.updated_at), checkpoint.name, at))
     for index, run in enumerate(runs):
         assert run.started_at is not None
         x = x_of(run.started_at)

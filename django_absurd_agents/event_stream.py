@@ -267,7 +267,8 @@ class _Listener:
                 self.listening.clear()
                 failures += 1
                 delay = min(5.0, 0.1 * 2 ** (failures - 1))
-                logger.warning("The event log listener lost its connection (%s); readers poll until it is back.", exc)
+                if failures == 1:
+                    logger.warning("Cannot LISTEN for event log writes (%s); readers poll until it works again.", exc)
                 await asyncio.sleep(delay)
 
 

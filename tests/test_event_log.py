@@ -140,11 +140,13 @@ async def test_readers_of_a_process_share_one_listen_connection(project_absurd: 
     try:
         shared = listener()
         await asyncio.wait_for(shared.listening.wait(), 10)
-        while shared.readers < len(readers):
-            await asyncio.sleep(0)  # let every reader subscribe
+        for _ in range(100_000):  # let every reader subscribe (each needs a few turns of the loop)
+            if shared.readers == len(readers) or any(reader.done() for reader in readers):
+                break
+            await asyncio.sleep(0)
+        assert shared.readers == len(readers), [reader.exception() for reader in readers if reader.done()]
         assert shared.connects == 1
-        pid = await asyncio.to_thread(_listening_backends)
-        assert pid == 1
+        assert await asyncio.to_thread(_listening_backends) == 1
     finally:
         for reader in readers:
             reader.cancel()

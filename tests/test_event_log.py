@@ -170,6 +170,18 @@ def test_cleanup_deletes_the_log_of_tasks_that_are_gone(clean_queues: None) -> N
     assert list(AgentEvent.objects.values_list("task_id", flat=True)) == [uuid.UUID(kept)]
 
 
+def test_absurd_cleanup_deletes_the_log_with_the_tasks(clean_queues: None) -> None:
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    AgentEvent.objects.create(task_id="01900000-0000-7000-8000-000000000002", attempt=1, kind="custom", payload={})
+    out = StringIO()
+    call_command("absurd_cleanup", stdout=out)
+    assert "Deleted 1 agent event log entry of deleted tasks." in out.getvalue()
+    assert not AgentEvent.objects.exists()
+
+
 # --- real worker processes, killed -----------------------------------------------------------------------
 
 

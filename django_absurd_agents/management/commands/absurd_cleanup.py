@@ -11,6 +11,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandParser
 
 from django_absurd_agents import tables
+from django_absurd_agents.event_stream import delete_orphaned_events
 from django_absurd_agents.management.commands import _ops
 
 # Each call deletes at most the queue's cleanup_limit rows per table; a large backlog takes several.
@@ -49,5 +50,8 @@ class Command(BaseCommand):
         for name, (tasks, events) in sorted(totals.items()):
             if tasks or events or options["verbosity"] >= 2:
                 self.stdout.write(f"{name}: deleted {tasks} task(s) and {events} event(s) older than {ttls.get(name)}.")
-        if not any(tasks or events for tasks, events in totals.values()):
+        logged = delete_orphaned_events()  # the agent event log of the tasks deleted above
+        if logged or options["verbosity"] >= 2:
+            self.stdout.write(f"Deleted {logged} agent event log entr{'y' if logged == 1 else 'ies'} of deleted tasks.")
+        if not logged and not any(tasks or events for tasks, events in totals.values()):
             self.stdout.write("Nothing to clean up.")

@@ -333,8 +333,6 @@ def _result_statement(queues: list[str], task_id: Any) -> sql.Composed:
     return sql.SQL(" union all ").join(parts)
 
 
-# --- the worker side -------------------------------------------------------------------------------
-
 _tasks: dict[str, Any] = {}
 _warned: set[str] = set()
 

@@ -86,8 +86,6 @@ class DjangoConversationStore(ConversationStore):
     def using(self) -> str:
         return self._using or conf.get().database_alias
 
-    # --- scope <-> owner ----------------------------------------------------------------------
-
     def scope_of(self, owner_id: Any) -> str | None:
         """The scope of conversations owned by the user with pk ``owner_id`` (None: no owner)."""
         return None if owner_id is None else str(owner_id)
@@ -106,8 +104,6 @@ class DjangoConversationStore(ConversationStore):
                 "str(user.pk). Override owner_of() and scope_of() to name owners another way."
             )
         return owner
-
-    # --- the storage primitives ---------------------------------------------------------------
 
     async def read_record(self, conversation_id: str) -> ConversationRecord | None:
         return await sync_to_async(self.read_record_sync)(conversation_id)
@@ -133,8 +129,6 @@ class DjangoConversationStore(ConversationStore):
     async def read_history(self, head_id: str | None, *, limit: int | None = None) -> list[ConversationEntry]:
         """The history up to ``head_id`` in one recursive query, rather than one query per entry."""
         return await sync_to_async(self._db_read_history)(head_id, limit)
-
-    # --- sync implementations (Django's ORM and connection) ------------------------------------
 
     def _record(self, row: Conversation) -> ConversationRecord:
         deferred = row.deferred_tool_requests

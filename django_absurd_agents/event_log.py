@@ -200,8 +200,6 @@ class EventLogWriter:
         self._rows = itertools.count(1)
         self._started = False
 
-    # --- starting an execution ----------------------------------------------------------------
-
     async def start(self) -> None:
         """Once per execution: write an ``attempt`` marker if this execution follows one that logged."""
         if self._started:
@@ -228,8 +226,6 @@ class EventLogWriter:
         marker = {"attempt": self.attempt, "discard_after": discard_after}
         async with self._lock:
             await self._write([_Entry(ATTEMPT, marker, position=f"{self._execution}:0")])
-
-    # --- buffering ------------------------------------------------------------------------------
 
     def add(self, event: Any, *, step: str | None = None, positioned: bool = False) -> None:
         """Buffer ``event``; it is written within ``interval`` seconds (or at the next ``flush``)."""
@@ -334,9 +330,6 @@ def writer_for(ctx: AsyncTaskContext) -> EventLogWriter:
 def _task_context() -> AsyncTaskContext | None:
     ctx = get_current_context()
     return ctx if isinstance(ctx, AsyncTaskContext) else None
-
-
-# --- the hooks AbsurdDurability calls --------------------------------------------------------------
 
 
 def model_step_handler(handler: EventStreamHandler[Any] | None) -> EventStreamHandler[Any]:

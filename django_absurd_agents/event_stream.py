@@ -114,9 +114,6 @@ def end_entry(offset: int, state: str, failure: Any = None) -> LoggedEvent:
     return LoggedEvent(offset=offset, attempt=0, kind=END, data=data)
 
 
-# --- sync: a snapshot on Django's connection -------------------------------------------------------
-
-
 def events_sync(task_id: Any, after: int | str | None = None) -> list[LoggedEvent]:
     """The entries logged so far after ``after``, ending with an ``end`` entry if the task is over.
 
@@ -143,9 +140,6 @@ def events_sync(task_id: Any, after: int | str | None = None) -> list[LoggedEven
         last = entries[-1].offset if entries else position
         entries.append(end_entry(last, located[1], snapshot.failure if snapshot else None))
     return entries
-
-
-# --- async: following the log ------------------------------------------------------------------------
 
 
 class _Feed:
@@ -384,9 +378,6 @@ def iterate_in_own_loop(make: Any) -> Iterator[Any]:
             loop.run_until_complete(absurd.close())
         finally:
             loop.close()
-
-
-# --- cleanup -------------------------------------------------------------------------------------------
 
 
 def delete_orphaned_events(batch: int = 1000) -> int:

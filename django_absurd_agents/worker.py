@@ -35,7 +35,7 @@ from django_absurd_agents import conf, schedules, sdk, worker_record
 from django_absurd_agents.client import ProjectAbsurd, absurd
 from django_absurd_agents.execution import execute_claimed
 from django_absurd_agents.liveness import heartbeat_age, write_heartbeat
-from django_absurd_agents.reconnect import is_misconfigured
+from django_absurd_agents.reconnect import is_misconfigured, is_transient
 from django_absurd_agents.task_thread import on_task_thread
 from django_absurd_agents.wakeup import listen_for_spawns
 from django_absurd_agents.worker_config import WorkerConfig, WorkerError, discover_tasks, misconfigured
@@ -52,11 +52,6 @@ _BACKOFF_CAP = 15.0
 _STUCK_CLAIM_SECONDS = 60.0
 # How long cancelled tasks get to unwind at the end of the grace period.
 _CANCEL_WAIT = 0.5
-
-
-def is_connection_error(exc: BaseException) -> bool:
-    """Errors after which the connection is gone and must be opened again."""
-    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError)
 
 
 @dataclass
@@ -249,7 +244,7 @@ class Worker:
             except Exception as exc:
                 if is_misconfigured(exc):
                     raise misconfigured(exc) from exc
-                if not is_connection_error(exc):
+                if not is_transient(exc):
                     raise
                 failures += 1
                 delay = self._backoff(failures)
@@ -331,7 +326,7 @@ class Worker:
             raise misconfigured(exc) from exc
         queue.failures += 1
         delay = self._backoff(queue.failures)
-        if is_connection_error(exc):
+        if is_transient(exc):
             logger.warning(
                 "Queue %s: cannot claim, the database connection failed (%s); reconnecting in %.1fs.",
                 queue.name,

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-import psycopg
 from absurd_sdk import ClaimedTask
+
+from django_absurd_agents.reconnect import is_transient
 
 if TYPE_CHECKING:
     from django_absurd_agents.worker_config import WorkerConfig
@@ -66,7 +67,7 @@ def log_end(task: ClaimedTask, queue: str, outcome: str, error: BaseException | 
 
 def log_unrecorded(task: ClaimedTask, queue: str, exc: BaseException, duration: float, claim_timeout: int) -> None:
     """The execution ended with an error its outcome could not be written after (the database went away)."""
-    connection_lost = isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError)
+    connection_lost = is_transient(exc)
     logger.log(
         logging.WARNING if connection_lost else logging.ERROR,
         "task unrecorded name=%s id=%s queue=%s attempt=%s duration=%.3fs: the database failed while it "

@@ -18,6 +18,7 @@ from pydantic_ai.exceptions import UserError
 from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter
 from pydantic_ai.models import Model, infer_model
 
+from django_absurd_agents import jsonsafe
 from django_absurd_agents.durability import AbsurdDurability, current_task_context
 
 
@@ -34,13 +35,8 @@ def messages_from_json(history: Any) -> Sequence[ModelMessage]:
     if isinstance(history, str | bytes):
         return ModelMessagesTypeAdapter.validate_json(history)
     if isinstance(history, list | tuple) and any(isinstance(message, dict) for message in history):
-        return ModelMessagesTypeAdapter.validate_json(json.dumps(list(history), default=_jsonable))
+        return ModelMessagesTypeAdapter.validate_json(json.dumps(list(history), default=jsonsafe.plain_json))
     return history  # type: ignore[no-any-return]
-
-
-def _jsonable(value: Any) -> Any:
-    """A message object in a list that also holds JSON messages, as JSON."""
-    return ModelMessagesTypeAdapter.dump_python([value], mode="json")[0]
 
 
 class AbsurdAgent(WrapperAgent[Any, Any]):

@@ -102,8 +102,7 @@ class ProjectAbsurd(AsyncAbsurd):
         """A client claiming from ``queue_name`` that shares this one's registry and hooks."""
         clone = ProjectAbsurd(hooks=self._user_hooks)
         # A view of the same registrations that resolves @task functions for this queue (registry.py).
-        store = self._registry.data if isinstance(self._registry, TaskRegistry) else self._registry
-        clone._registry = TaskRegistry(store, queue_name)  # type: ignore[assignment]
+        clone._registry = self._registry.for_queue(queue_name)  # type: ignore[attr-defined]
         clone._queue_override = queue_name
         return clone
 
@@ -278,8 +277,7 @@ class ProjectAbsurd(AsyncAbsurd):
                 if spawning.is_missing_queue(exc):
                     raise validation.unknown_queue(args[0]) from exc
                 raise
-            names = [column.name for column in cursor.description]
-            return spawning.spawned(dict(zip(names, cursor.fetchone(), strict=True)))
+            return spawning.spawned(_named(cursor) or {})
 
     def _search(self, task_id: TaskId, queue_name: str | None) -> tuple[uuid.UUID, str | None]:
         """The id as a UUID and the queue to search (None: all), both checked before any SQL.

@@ -45,7 +45,7 @@ from pydantic_ai.messages import ModelMessagesTypeAdapter
 from pydantic_ai.usage import RunUsage
 
 from django_absurd_agents import conf
-from django_absurd_agents.conversation_entries import Entry, decode_messages, entry_chain
+from django_absurd_agents.conversation_entries import Entry, decode_messages, entry_chain, load_messages
 from django_absurd_agents.conversation_models import DEFERRED_REQUESTS, Conversation
 from django_absurd_agents.jsonsafe import find_problem
 
@@ -163,7 +163,7 @@ class DjangoConversationStore(ConversationStore):
         row = None if pk is None else Entry.objects.using(self.using).filter(pk=pk).first()
         if row is None:
             raise KeyError(entry_id)
-        message = ModelMessagesTypeAdapter.validate_json(json.dumps([row.message]))[0]
+        message = load_messages([row.message])[0]
         return ConversationEntry(
             id=entry_id, parent_id=None if row.parent_id is None else str(row.parent_id), message=message
         )

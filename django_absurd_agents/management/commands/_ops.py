@@ -84,10 +84,15 @@ def locate_task(identifier: uuid.UUID, queue: str | None = None) -> tuple[str, s
     checked = queue_option(queue)
     if checked is None:
         known_queues()  # without a schema: the CommandError that names the fix
+    return locate_checked(identifier, checked)
+
+
+def locate_checked(identifier: uuid.UUID, checked: str | None) -> tuple[str, str]:
+    """``locate_task`` once the queue (or the schema, for None) has been checked: one query per id."""
     located = tables.locate_task(identifier, checked)
     if located is not None:
         return located
-    where = f"queue {queue!r}" if queue else f"any queue ({', '.join(known_queues()) or 'there are none'})"
+    where = f"queue {checked!r}" if checked else f"any queue ({', '.join(known_queues()) or 'there are none'})"
     raise CommandError(f"Task {identifier} was not found in {where}.")
 
 
@@ -152,10 +157,12 @@ def selected_tasks(options: dict[str, Any], states: tuple[str, ...]) -> list[Tas
     if problem:
         raise CommandError(f"--task-name: {problem}")
     age = since(options["since"]) if options.get("since") else None
+    queue = queue_option(options["queue"])  # checked once, not once per id
     if ids:
-        located = [(locate_task(identifier, options["queue"])[0], identifier) for identifier in dict.fromkeys(ids)]
+        if queue is None:
+            known_queues()  # without a schema: the CommandError that names the fix
+        located = [(locate_checked(identifier, queue)[0], identifier) for identifier in dict.fromkeys(ids)]
         return tasks_by_id(located)
-    queue = queue_option(options["queue"])
     filters = TaskFilters(
         queues=(queue,) if queue else tuple(known_queues()),
         states=tuple(options.get("states") or states),

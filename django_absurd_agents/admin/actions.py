@@ -8,7 +8,7 @@ redirects. Each checks its own permission on top of the view permission, before 
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Protocol
 
 from django import forms
 from django.contrib import messages
@@ -40,8 +40,50 @@ def log_action(request: HttpRequest, object_id: str | None, object_repr: str, me
     )
 
 
-def _named(detail: TaskDetail) -> str:
-    return f"{detail.task_name} {detail.task_id}"
+class RetriedTask(Protocol):
+    """What a retry needs of a task: a task page's ``TaskDetail`` or a list row's ``TaskRow``."""
+
+    @property
+    def queue(self) -> str: ...
+    @property
+    def task_id(self) -> Any: ...
+    @property
+    def task_name(self) -> str: ...
+    @property
+    def attempts(self) -> int: ...
+
+
+def task_label(task: RetriedTask) -> str:
+    return f"{task.task_name} {task.task_id}"
+
+
+def retry_and_log(
+    request: HttpRequest, task: RetriedTask, spawn_new: bool, extra: int, note: str = ""
+) -> tuple[Any, int]:
+    """Retry ``task`` (in place, or as a new task) and record it in the admin log; returns (result, max attempts).
+
+    The one retry of the admin: the task page's action and the bulk action both go through it; ``note``
+    marks the log entries of the bulk action.
+    """
+    max_attempts = extra if spawn_new else task.attempts + extra
+    result = absurd.retry_task_sync(task.task_id, max_attempts=max_attempts, spawn_new=spawn_new, queue_name=task.queue)
+    if not spawn_new:
+        suffix = f" ({note})" if note else ""
+        log_action(
+            request,
+            task.task_id,
+            task_label(task),
+            f"Retried in place: attempt {result['attempt']} of {max_attempts}{suffix}.",
+        )
+        return result, max_attempts
+    new_id = str(result["task_id"])
+    suffix = f"; {note}" if note else ""
+    log_action(
+        request, task.task_id, task_label(task), f"Retried as new task {new_id} (max attempts {max_attempts}{suffix})."
+    )
+    spawned = f"Spawned as a retry of task {task.task_id}."
+    log_action(request, new_id, f"{task.task_name} {new_id}", spawned, flag=ADDITION)
+    return result, max_attempts
 
 
 def refusal(exc: DatabaseError) -> str:
@@ -82,33 +124,21 @@ class AbsurdTaskActions(AbsurdAdminBase):
             return HttpResponseRedirect(self.task_url(queue, detail.task_id))
         if request.method == "POST" and form.is_valid():
             spawn_new = form.cleaned_data["mode"] == "new"
-            extra = int(form.cleaned_data["extra_attempts"])
-            max_attempts = extra if spawn_new else detail.attempts + extra
             try:
                 with transaction.atomic(using=connection().alias):
-                    result = absurd.retry_task_sync(
-                        detail.task_id, max_attempts=max_attempts, spawn_new=spawn_new, queue_name=queue
-                    )
+                    result, _ = retry_and_log(request, detail, spawn_new, int(form.cleaned_data["extra_attempts"]))
             except DatabaseError as exc:
                 form.add_error(None, f"Absurd refused the retry: {refusal(exc)}")
             else:
-                return self._retried(request, detail, result, max_attempts, spawn_new)
+                return self._retried(request, detail, result, spawn_new)
         title = f"Retry {detail.task_name}"
         return self.confirm_page(request, "retry", detail, form, title=title, button="Yes, retry")
 
-    def _retried(
-        self, request: HttpRequest, detail: TaskDetail, result: Any, max_attempts: int, spawn_new: bool
-    ) -> HttpResponse:
+    def _retried(self, request: HttpRequest, detail: TaskDetail, result: Any, spawn_new: bool) -> HttpResponse:
         if not spawn_new:
-            message = f"Retried in place: attempt {result['attempt']} of {max_attempts}."
-            log_action(request, detail.task_id, _named(detail), message)
             messages.success(request, f"Task {detail.task_id} will run again (attempt {result['attempt']}).")
             return HttpResponseRedirect(self.task_url(detail.queue, detail.task_id))
         new_id = str(result["task_id"])
-        message = f"Retried as new task {new_id} (max attempts {max_attempts})."
-        log_action(request, detail.task_id, _named(detail), message)
-        spawned = f"Spawned as a retry of task {detail.task_id}."
-        log_action(request, new_id, f"{detail.task_name} {new_id}", spawned, flag=ADDITION)
         messages.success(request, f"Spawned task {new_id} as a retry of {detail.task_id}.")
         return HttpResponseRedirect(self.task_url(detail.queue, new_id))
 
@@ -128,7 +158,7 @@ class AbsurdTaskActions(AbsurdAdminBase):
             except DatabaseError as exc:
                 form.add_error(None, f"Absurd refused the cancellation: {refusal(exc)}")
             else:
-                log_action(request, detail.task_id, _named(detail), f"Cancelled (was {detail.state}).")
+                log_action(request, detail.task_id, task_label(detail), f"Cancelled (was {detail.state}).")
                 messages.success(request, f"Task {detail.task_id} is cancelled.")
                 return HttpResponseRedirect(self.task_url(queue, detail.task_id))
         title, button = f"Cancel {detail.task_name}", "Yes, cancel the task"
@@ -188,7 +218,7 @@ class AbsurdTaskActions(AbsurdAdminBase):
             messages.success(request, f"Emitted {name!r} on queue {queue!r}; {note}.")
         message = f"Emitted event {name!r} on queue {queue!r}: {note}."
         if detail is not None:
-            log_action(request, detail.task_id, _named(detail), message)
+            log_action(request, detail.task_id, task_label(detail), message)
             return HttpResponseRedirect(self.task_url(detail.queue, detail.task_id))
         log_action(request, None, f"event {name} on {queue}", message)
         if len(waiting) == 1:

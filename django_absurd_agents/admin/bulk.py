@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 from django import forms
 from django.contrib import messages
-from django.contrib.admin.models import ADDITION
 from django.db import DatabaseError, transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 
-from django_absurd_agents.admin.actions import AbsurdTaskActions, log_action, refusal
+from django_absurd_agents.admin.actions import AbsurdTaskActions, log_action, refusal, retry_and_log, task_label
 from django_absurd_agents.admin.base import TEMPLATE_DIR
 from django_absurd_agents.admin.forms import BulkRetryForm, CancelForm
 from django_absurd_agents.admin.permissions import CANCEL_PERM, RETRY_PERM, VIEW_PERM, require, user_can
@@ -107,10 +105,14 @@ class AbsurdTaskBulkActions(AbsurdTaskActions):
             try:
                 with transaction.atomic(using=connection().alias):
                     if action.name == "retry":
-                        self._retry_one(request, task, form.cleaned_data)
+                        data = form.cleaned_data
+                        spawn_new, extra = data["mode"] == "new", int(data["extra_attempts"])
+                        retry_and_log(request, task, spawn_new, extra, note="bulk action")
                     else:
                         absurd.cancel_task_sync(task.task_id, queue_name=task.queue)
-                        log_action(request, task.task_id, _named(task), f"Cancelled (was {task.state}; bulk action).")
+                        log_action(
+                            request, task.task_id, task_label(task), f"Cancelled (was {task.state}; bulk action)."
+                        )
             except DatabaseError as exc:
                 refused.append(f"{task.task_id}: {refusal(exc)}")
             else:
@@ -119,24 +121,3 @@ class AbsurdTaskBulkActions(AbsurdTaskActions):
         messages.success(request, f"{done} task{'s' if done != 1 else ''} {verb}.")
         if refused:
             messages.error(request, f"Absurd refused {len(refused)}: " + "; ".join(refused))
-
-    def _retry_one(self, request: HttpRequest, task: TaskRow, data: dict[str, Any]) -> None:
-        spawn_new = data["mode"] == "new"
-        extra = int(data["extra_attempts"])
-        max_attempts = extra if spawn_new else task.attempts + extra
-        result = absurd.retry_task_sync(
-            task.task_id, max_attempts=max_attempts, spawn_new=spawn_new, queue_name=task.queue
-        )
-        if not spawn_new:
-            message = f"Retried in place: attempt {result['attempt']} of {max_attempts} (bulk action)."
-            log_action(request, task.task_id, _named(task), message)
-            return
-        new_id = str(result["task_id"])
-        message = f"Retried as new task {new_id} (max attempts {max_attempts}; bulk action)."
-        log_action(request, task.task_id, _named(task), message)
-        spawned = f"Spawned as a retry of task {task.task_id}."
-        log_action(request, new_id, f"{task.task_name} {new_id}", spawned, flag=ADDITION)
-
-
-def _named(task: TaskRow) -> str:
-    return f"{task.task_name} {task.task_id}"

@@ -42,7 +42,12 @@ def _lease_of(ctx: AsyncTaskContext, claim_timeout: int) -> Lease:
 
 
 async def renew(ctx: AsyncTaskContext, lease: Lease) -> None:
-    """Extend the lease once, retrying through reconnects (see ``reconnect.PAST_LEASE`` for how long)."""
+    """Extend the lease once, retrying through reconnects (see ``reconnect.PAST_LEASE`` for how long).
+
+    A context of ours writes through a ``TaskConnection``, which already retries the heartbeat on a
+    new connection; only a context built by a plain absurd-sdk client needs the retry here.
+    """
+    retries_itself = isinstance(sdk.task_connection(ctx), TaskConnection)
     failures = 0
     while True:
         sent = time.monotonic()
@@ -53,7 +58,7 @@ async def renew(ctx: AsyncTaskContext, lease: Lease) -> None:
         except Exception as exc:
             failures += 1
             delay = min(1.0, 0.1 * 2 ** (failures - 1))
-            if not is_transient(exc) or lease.retry_window() <= delay:
+            if retries_itself or not is_transient(exc) or lease.retry_window() <= delay:
                 raise
             await asyncio.sleep(delay)
             continue

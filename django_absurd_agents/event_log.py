@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import itertools
 import json
 import logging
@@ -93,6 +94,12 @@ def table() -> str:
     from django_absurd_agents.models import AgentEvent
 
     return AgentEvent._meta.db_table
+
+
+@functools.cache
+def _statement(template: str) -> sql.Composed:
+    """A write statement on the log's table, composed once per process, not once per batch of events."""
+    return sql.SQL(template).format(table=sql.Identifier(table()))
 
 
 def encode(event: Any) -> str:
@@ -279,7 +286,7 @@ class EventLogWriter:
         }
 
     async def _write(self, entries: list[_Entry]) -> None:
-        statement = sql.SQL(_WRITE).format(table=sql.Identifier(table()))
+        statement = _statement(_WRITE)
         started = time.monotonic()
         await sdk.task_connection(self.ctx).execute(statement, self._params(entries))
         elapsed = (time.monotonic() - started) * 1e3
@@ -306,7 +313,7 @@ class EventLogWriter:
                 "run": sdk.claimed_task(ctx)["run_id"],
                 "claim": sdk.claim_timeout(ctx),
             }
-            statement = sql.SQL(_WRITE_WITH_CHECKPOINT).format(table=sql.Identifier(table()))
+            statement = _statement(_WRITE_WITH_CHECKPOINT)
             with sdk.task_state_errors():
                 await sdk.task_connection(ctx).execute(statement, params)
         sdk.recorded_checkpoints(ctx)[handle.checkpoint_name] = value

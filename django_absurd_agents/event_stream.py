@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import logging
 import uuid
 import weakref
@@ -88,7 +89,9 @@ def _entry(row: Any) -> LoggedEvent:
     return LoggedEvent(offset=int(offset), attempt=int(attempt), kind=str(kind), data=payload, created=created)
 
 
+@functools.cache
 def _select() -> sql.Composed:
+    """Composed once per process: every poll and every notification of every reader runs it."""
     return sql.SQL(
         'select "offset", attempt, kind, payload, created from {} where task_id = %s and "offset" > %s '
         'order by "offset" limit %s'

@@ -62,21 +62,22 @@ def _count_failures(by_queue: dict[str, QueueOverview], now: datetime.datetime) 
         by_queue[row["queue"]].tasks_failed_last_hour = int(row["tasks"])
 
 
+def overview_of(queues: list[str]) -> list[QueueOverview]:
+    """:func:`overview` of ``queues``, which exist: for a caller already inside ``over_queues``."""
+    if not queues:
+        return []
+    now = first_row("select now() as now")["now"]  # type: ignore[index]
+    by_queue = {
+        q: QueueOverview(
+            queue=q, counts={}, oldest_pending_at=None, failed_runs_last_hour=0, tasks_failed_last_hour=0, now=now
+        )
+        for q in queues
+    }
+    _count_states(by_queue)
+    _count_failures(by_queue, now)
+    return [by_queue[q] for q in queues]
+
+
 def overview() -> list[QueueOverview]:
     """Per queue, in the catalog's order: tasks by state, the oldest pending task, failures in the last hour."""
-
-    def run(queues: list[str]) -> list[QueueOverview]:
-        if not queues:
-            return []
-        now = first_row("select now() as now")["now"]  # type: ignore[index]
-        by_queue = {
-            q: QueueOverview(
-                queue=q, counts={}, oldest_pending_at=None, failed_runs_last_hour=0, tasks_failed_last_hour=0, now=now
-            )
-            for q in queues
-        }
-        _count_states(by_queue)
-        _count_failures(by_queue, now)
-        return [by_queue[q] for q in queues]
-
-    return over_queues(None, run)
+    return over_queues(None, overview_of)

@@ -71,9 +71,15 @@ def test_metrics_for_a_viewer_count_tasks_runs_and_workers() -> None:
     Worker.objects.create(worker_id="a", started=now, last_heartbeat=now, **common)
     Worker.objects.create(worker_id="g", started=now, last_heartbeat=now - datetime.timedelta(minutes=5), **common)
 
-    response = client_for(make_user("viewer", "view_absurdtask")).get(metrics_url())
+    viewer = client_for(make_user("viewer", "view_absurdtask"))
+    with CaptureQueriesContext(connection) as queries:
+        response = viewer.get(metrics_url())
     assert response.status_code == 200
     assert response["Content-Type"].startswith("text/plain")
+    # One statement per family over both queues (states, failures, runs, steps, replays), one catalog read.
+    over_tables = [q["sql"] for q in queries.captured_queries if '"absurd"."' in q["sql"]]
+    assert len(over_tables) == 5, over_tables
+    assert sum("from absurd.queues" in q["sql"] for q in queries.captured_queries) == 1
     found = samples(response.content.decode())
     assert found['absurd_tasks{queue="agents",state="failed"}'] == 1
     assert found['absurd_tasks{queue="agents",state="pending"}'] == 1

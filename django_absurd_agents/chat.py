@@ -8,7 +8,10 @@ response's ``X-Absurd-Turn-Id`` header and the stream's message id are the turn'
 
 ``GET`` with ``?turn=<turn id>`` streams that turn again (from its start, or after ``Last-Event-ID`` /
 ``?after=``); without it, the conversation's unfinished turn, or ``204 No Content`` when there is
-none (what ``useChat``'s ``resumeStream()`` expects).
+none (what ``useChat``'s ``resumeStream()`` expects). Who may read a turn's stream is decided by the
+event log's one rule (``event_access``, ``ABSURD_AGENTS["EVENTS_ACCESS"]`` included) on the turn's task,
+before the task or its log is read; only the owner may ask for the unfinished turn, and only the owner
+may post.
 
 A worker that dies in the middle of an answer leaves the start of that answer in the stream. When
 the new attempt starts, the stream closes the part that was being written and sends a
@@ -33,7 +36,7 @@ from pydantic_ai.ui.vercel_ai import VercelAIAdapter, VercelAIEventStream
 from pydantic_ai.ui.vercel_ai.request_types import TextUIPart
 
 from django_absurd_agents import conf
-from django_absurd_agents.event_access import VIEW_PERMISSION
+from django_absurd_agents.event_access import may_read_events
 from django_absurd_agents.event_log import ATTEMPT
 from django_absurd_agents.event_stream import END, follow
 from django_absurd_agents.sse import resume_offset, streaming
@@ -67,11 +70,6 @@ async def _own_conversation(request: HttpRequest, conversation_id: uuid.UUID) ->
     if not user.is_authenticated or not user.is_active:
         return None
     return await Conversation.objects.using(_alias()).filter(pk=conversation_id, owner=user).afirst()
-
-
-async def _may_view_tasks(request: HttpRequest) -> bool:
-    user = await request.auser()
-    return bool(user.is_authenticated and user.is_active and await user.ahas_perm(VIEW_PERMISSION))  # type: ignore[attr-defined]
 
 
 def _forbidden() -> HttpResponse:
@@ -176,16 +174,20 @@ async def get(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponseB
         turn_id = uuid.UUID(raw_turn) if raw_turn else None
     except ValueError:
         return JsonResponse({"error": "?turn= takes a turn id."}, status=400)
-    # The owner, or (to follow a given turn) someone who may view tasks; decided before any turn is read.
-    if await _own_conversation(request, conversation_id) is None and not (turn_id and await _may_view_tasks(request)):
-        return _forbidden()
     turns = Turn.objects.using(_alias()).filter(conversation_id=conversation_id)
     if turn_id is not None:
         turn = await turns.filter(pk=turn_id).afirst()
-        if turn is None:
+        if turn is None:  # only the owner learns that the turn does not exist
+            if await _own_conversation(request, conversation_id) is None:
+                return _forbidden()
             return JsonResponse({"error": "No such turn in this conversation."}, status=404)
-        return _stream(request, turn, after)
-    turn = await turns.filter(state__in=["pending", "running"]).order_by("sequence").afirst()
-    if turn is None:
-        return HttpResponse(status=204)
+    else:
+        if await _own_conversation(request, conversation_id) is None:
+            return _forbidden()
+        turn = await turns.filter(state__in=["pending", "running"]).order_by("sequence").afirst()
+        if turn is None:
+            return HttpResponse(status=204)
+    # The SSE endpoint's rule, on the turn's task: decided before the task or its log is read.
+    if not await may_read_events(request, str(turn.task_id)):
+        return _forbidden()
     return _stream(request, turn, after)

@@ -5,6 +5,10 @@ so ``AbsurdTask``, a model without a table, is registered only to give the admin
 and permissions; ``get_urls`` serves the views of this ``ModelAdmin`` (and of ``AbsurdTaskActions``)
 instead of the usual change list and change form, each behind ``admin_site.admin_view`` (a logged-in
 staff user) and checking its own permission before any query runs.
+
+The overview, the charts and a task's page are live: ``static/absurd_agents/admin_live.js`` fetches the
+same URL again every few seconds (so the same permission check runs) and swaps the marked regions in
+place; a task's page also follows the task's event log from ``GET /agents/tasks/<id>/events``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 from django.contrib import messages
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
-from django.urls import URLPattern, path
+from django.urls import NoReverseMatch, URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.http import urlencode
 
@@ -45,9 +49,25 @@ from django_absurd_agents.client import absurd
 from django_absurd_agents.models import AbsurdTask
 from django_absurd_agents.queue_overview import overview
 from django_absurd_agents.steps import decode_steps
-from django_absurd_agents.tables import STATES, locate_task, parse_uuid, queue_catalog
+from django_absurd_agents.tables import FINISHED_STATES, STATES, locate_task, parse_uuid, queue_catalog
 from django_absurd_agents.task_list import TaskPage, task_names, task_page
 from django_absurd_agents.timeline import timeline
+
+LIVE_HEADER = "X-Absurd-Live"
+"""Sent by ``admin_live.js`` when it re-reads a page to refresh it in place."""
+
+
+def is_live_refresh(request: HttpRequest) -> bool:
+    """Whether the request is a live page's refresh rather than a person opening the page."""
+    return LIVE_HEADER in request.headers
+
+
+def task_events_url(task_id: str | uuid.UUID) -> str | None:
+    """The task's event log as Server-Sent Events, or None where the app's URLs are not mounted."""
+    try:
+        return reverse("absurd_agents:task_events", kwargs={"task_id": task_id})
+    except NoReverseMatch:
+        return None
 
 
 class AbsurdTaskAdmin(AbsurdTaskBulkActions):
@@ -160,6 +180,8 @@ class AbsurdTaskAdmin(AbsurdTaskBulkActions):
             "emit_task_url": emit_url,
             "workers": worker_links(request, claimed_by, self.admin_site.name),
             "timeline": timeline(detail, timezone.now()),
+            "finished": detail.state in FINISHED_STATES,  # the live refresh stops
+            "events_url": task_events_url(detail.task_id),
         }
         return TemplateResponse(request, f"{TEMPLATE_DIR}/task_detail.html", context)
 
@@ -176,7 +198,8 @@ class AbsurdTaskAdmin(AbsurdTaskBulkActions):
 
     def overview_view(self, request: HttpRequest) -> HttpResponse:
         require(request, VIEW_PERM)
-        warn_about_queues_without_tables(request, queue_catalog())
+        if not is_live_refresh(request):  # said once, when the page is opened; a refresh shows only the table
+            warn_about_queues_without_tables(request, queue_catalog())
         list_url = self.page_url("changelist")
         items = [
             {

@@ -1,7 +1,9 @@
 """The worker list: one row per ``absurd_worker`` process, as it last reported itself (read-only).
 
 Rows are written by the workers themselves (``worker_record``); here they are only shown, with a
-status read from the age of the last heartbeat: alive, silent (a few heartbeats missed) or gone.
+status read from the age of the last heartbeat: alive, silent (a few heartbeats missed) or gone. The
+list refreshes its rows in place while it is open, so a worker that starts or dies shows up without a
+reload.
 The model's only permission is ``absurd_agents.view_worker``; nobody adds, changes or deletes a row
 from the admin.
 """
@@ -65,6 +67,8 @@ class WorkerAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     ordering = ["-started"]
     list_per_page = 100
     fields = readonly_fields = DETAIL_FIELDS
+    change_list_template = "admin/absurd_agents/worker_change_list.html"
+    """Django's list, its rows re-read every few seconds in place (``static/absurd_agents/admin_live.js``)."""
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -16,7 +16,10 @@ Figures:
 1. trivial tasks per second: N tasks that return at once are committed in one transaction while the
    worker idles; rate = N / (last ``completed_at`` - commit time), both on the database clock;
 2. agent runs per second: an ``AbsurdAgent`` whose FunctionModel sleeps 200-1000 ms at random
-   (one checkpointed model request per run), concurrency 50;
+   (one checkpointed model request per run), concurrency 50, next to the physical limit: concurrency
+   over the mean model latency. The latencies come from a seeded generator, so every contender sleeps
+   the same ones and the parent knows their mean (and the ceiling of a loop that waits for the
+   slowest of each batch, as ``start_worker`` does);
 3. idle cost: CPU seconds and RSS of an idle worker over a window, and the database time of one
    empty poll.
 
@@ -43,6 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 QUEUE = "bench"
+LATENCY_SEED = 16
+LATENCY_RANGE = (0.2, 1.0)
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5433/bench_worker"
 
 
@@ -71,8 +76,11 @@ def register_tasks() -> None:
 
     from django_absurd_agents import AbsurdAgent, absurd
 
+    model_latency = random.Random(LATENCY_SEED)
+    sleep_latency = random.Random(LATENCY_SEED)
+
     async def slow_model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
-        await asyncio.sleep(random.uniform(0.2, 1.0))
+        await asyncio.sleep(model_latency.uniform(*LATENCY_RANGE))
         return ModelResponse(parts=[TextPart("done")])
 
     agent = AbsurdAgent(Agent(FunctionModel(slow_model), name="bench_agent"), absurd)
@@ -86,7 +94,7 @@ def register_tasks() -> None:
         """The agent run's shape without pydantic-ai's CPU cost: one checkpointed 200-1000 ms wait."""
 
         async def wait() -> float:
-            seconds = random.uniform(0.2, 1.0)
+            seconds = sleep_latency.uniform(*LATENCY_RANGE)
             await asyncio.sleep(seconds)
             return seconds
 
@@ -237,6 +245,23 @@ def measure_batch(conn: Any, contender: Contender, task_name: str, count: int, t
     }
 
 
+def latency_limits(count: int, concurrency: int) -> dict[str, float]:
+    """What the drawn latencies allow: each worker process draws the same ``count`` from the seed.
+
+    ``limit`` is the physical limit, concurrency over the mean latency: every slot always busy.
+    ``batch_ceiling`` is the best a loop can do that claims ``concurrency`` tasks and waits for all
+    of them (``start_worker``): concurrency over the mean, across batches, of each batch's slowest.
+    """
+    draws = random.Random(LATENCY_SEED)
+    latencies = [draws.uniform(*LATENCY_RANGE) for _ in range(count)]
+    batches = [latencies[i : i + concurrency] for i in range(0, count, concurrency)]
+    return {
+        "mean_ms": statistics.fmean(latencies) * 1000,
+        "limit": concurrency / statistics.fmean(latencies),
+        "batch_ceiling": count / sum(max(batch) for batch in batches),
+    }
+
+
 def empty_poll_ms(url: str, polls: int = 300) -> float:
     async def run() -> float:
         from absurd_sdk import AsyncAbsurd
@@ -339,6 +364,23 @@ def main() -> None:
             overall = median(ours, "overall") / median(theirs, "overall")
             steady = median(ours, "steady") / median(theirs, "steady")
             print(f"{prefix:<34} absurd_worker / start_worker = {overall:.2f}x (steady {steady:.2f}x)")
+    for workload, count in (("agents", args.agents), ("sleepy", args.sleepy)):
+        prefix = f"{workload} c={args.agent_concurrency}"
+        if f"{prefix} absurd_worker" not in results:
+            continue
+        limits = latency_limits(count, args.agent_concurrency)
+        print(
+            f"{prefix}: physical limit {args.agent_concurrency} / {limits['mean_ms']:.0f} ms mean latency = "
+            f"{limits['limit']:.1f} runs/s; a loop that waits for each batch's slowest: {limits['batch_ceiling']:.1f}"
+        )
+        for kind in ("absurd_worker", "start_worker"):
+            values = results.get(f"{prefix} {kind}")
+            if values:
+                print(
+                    f"  {kind:<14} {median(values, 'overall') / limits['limit']:6.1%} of the limit "
+                    f"(steady {median(values, 'steady') / limits['limit']:.1%}), "
+                    f"{median(values, 'cpu_ms'):.2f} ms worker CPU per run"
+                )
     for kind, (cpu, rss) in idle.items():
         print(f"idle {kind:<35} {cpu:6.2f}% of one CPU, RSS {rss:.0f} MB")
     if idle:

@@ -46,6 +46,16 @@ class AbsurdOverview(AbsurdTask):
         verbose_name = verbose_name_plural = "Absurd overview"
 
 
+class AbsurdSchedule(AbsurdTask):
+    """The admin index entry of the schedules page (no table: schedules live in settings; ``view_absurdtask``)."""
+
+    class Meta:
+        proxy = True
+        default_permissions = ()
+        verbose_name = "Absurd schedule"
+        verbose_name_plural = "Absurd schedules"
+
+
 from django.db.models.functions import Now  # noqa: E402  (kept next to the one model that uses it)
 
 

@@ -57,36 +57,66 @@ class Schedule:
         return found
 
     def next_after(self, moment: datetime) -> datetime:
+        """The first occurrence strictly after ``moment``, in UTC."""
         return next(CronSim(self.cron, moment.astimezone(UTC)))
 
+    def last_due(self, moment: datetime) -> datetime | None:
+        """The latest occurrence at or before ``moment`` (the one a scheduler spawns last), in UTC.
+
+        None for an expression whose last match is further back than cronsim searches (a 29 February
+        far away, say).
+        """
+        # cronsim's reverse walk yields moments strictly before its start; a microsecond later makes
+        # ``moment`` itself count when it is an occurrence, as it does in ``occurrences(after, moment)``.
+        return next(CronSim(self.cron, moment.astimezone(UTC) + timedelta(microseconds=1), reverse=True), None)
+
+    @property
+    def key_prefix(self) -> str:
+        """What every occurrence's idempotency key starts with: ``schedule:<name>:``."""
+        return f"schedule:{self.name}:"
+
     def key(self, occurrence: datetime) -> str:
-        return f"schedule:{self.name}:{occurrence.astimezone(UTC).isoformat()}"
+        return f"{self.key_prefix}{occurrence.astimezone(UTC).isoformat()}"
+
+    def occurrence_of(self, key: str) -> datetime | None:
+        """The occurrence an idempotency key of this schedule was spawned for; None for any other key."""
+        if not key.startswith(self.key_prefix):
+            return None
+        try:
+            return datetime.fromisoformat(key.removeprefix(self.key_prefix))
+        except ValueError:
+            return None
 
 
-def configured() -> list[Schedule]:
-    """The schedules in settings, plus the built-in cleanup one; ``ScheduleError`` names a bad entry."""
+def settings_entries() -> dict[str, Any]:
+    """Name -> entry of every schedule in settings, plus the built-in cleanup one unless it is off."""
     settings = conf.get()
     entries: dict[str, Any] = dict(settings.schedules)
     if settings.cleanup_schedule:
         entries.setdefault(CLEANUP_SCHEDULE_NAME, {"task": CLEANUP_TASK, "cron": settings.cleanup_schedule})
-    schedules = []
-    for name, entry in entries.items():
-        where = f"ABSURD_AGENTS['SCHEDULES'][{name!r}]"
-        if not isinstance(entry, dict) or not isinstance(entry.get("task"), str) or not entry["task"]:
-            raise ScheduleError(f"{where} must be a dict with a 'task' name and a 'cron' expression.")
-        unknown = set(entry) - {"task", "cron", "params", "queue", "max_attempts"}
-        if unknown:
-            raise ScheduleError(
-                f"{where} has unknown keys {sorted(unknown)}: use task, cron, params, queue, max_attempts."
-            )
-        cron = entry.get("cron")
-        try:
-            CronSim(str(cron), datetime.now(UTC))
-        except CronSimError as exc:
-            raise ScheduleError(f"{where}: {cron!r} is not a cron expression ({exc}); e.g. '0 6 * * *'.") from exc
-        options = {"max_attempts": entry["max_attempts"]} if "max_attempts" in entry else {}
-        schedules.append(Schedule(name, entry["task"], str(cron), entry.get("params"), entry.get("queue"), options))
-    return schedules
+    return entries
+
+
+def parse(name: str, entry: Any) -> Schedule:
+    """One entry of ``settings_entries()`` as a ``Schedule``; ``ScheduleError`` names what is wrong and the fix."""
+    where = f"ABSURD_AGENTS['SCHEDULES'][{name!r}]"
+    if not isinstance(entry, dict) or not isinstance(entry.get("task"), str) or not entry["task"]:
+        raise ScheduleError(f"{where} must be a dict with a 'task' name and a 'cron' expression.")
+    unknown = set(entry) - {"task", "cron", "params", "queue", "max_attempts"}
+    if unknown:
+        raise ScheduleError(f"{where} has unknown keys {sorted(unknown)}: use task, cron, params, queue, max_attempts.")
+    cron = entry.get("cron")
+    try:
+        CronSim(str(cron), datetime.now(UTC))
+    except CronSimError as exc:
+        raise ScheduleError(f"{where}: {cron!r} is not a cron expression ({exc}); e.g. '0 6 * * *'.") from exc
+    options = {"max_attempts": entry["max_attempts"]} if "max_attempts" in entry else {}
+    return Schedule(name, entry["task"], str(cron), entry.get("params"), entry.get("queue"), options)
+
+
+def configured() -> list[Schedule]:
+    """The schedules in settings, plus the built-in cleanup one; ``ScheduleError`` names a bad entry."""
+    return [parse(name, entry) for name, entry in settings_entries().items()]
 
 
 async def spawn_due(app: ProjectAbsurd, schedules: list[Schedule], after: datetime, now: datetime) -> int:

@@ -91,3 +91,20 @@ async def test_the_built_in_cleanup_schedule_runs_absurd_cleanup(project_absurd:
     await project_absurd.work_batch()
     snapshot = await project_absurd.fetch_task_result(spawned["task_id"])
     assert snapshot.state == "completed" and "Nothing to clean up" in snapshot.result
+
+
+def test_the_last_occurrence_counts_the_moment_itself_and_the_next_one_does_not() -> None:
+    daily = schedules.Schedule("daily", "t", "30 4 * * *")
+    on_time = datetime(2026, 12, 3, 4, 30, tzinfo=UTC)
+    assert daily.last_due(on_time) == on_time
+    assert daily.last_due(on_time - timedelta(microseconds=1)) == on_time - timedelta(days=1)
+    assert daily.next_after(on_time) == on_time + timedelta(days=1)
+    assert daily.last_due(on_time) == daily.occurrences(on_time - timedelta(days=2), on_time)[-1]
+
+
+def test_a_key_gives_back_its_occurrence_for_its_own_schedule_only() -> None:
+    daily, nested = schedules.Schedule("a", "t", "0 6 * * *"), schedules.Schedule("a:b", "t", "0 6 * * *")
+    moment = datetime(2026, 12, 3, 6, tzinfo=UTC)
+    assert daily.occurrence_of(daily.key(moment)) == moment
+    assert daily.occurrence_of(nested.key(moment)) is None
+    assert nested.occurrence_of(daily.key(moment)) is None

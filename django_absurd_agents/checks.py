@@ -22,6 +22,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error | Warni
             )
         )
     settings = conf.get()
+    for queue_problem in settings.queue_problems:
+        errors.append(Error(queue_problem, hint="See the QUEUES row in docs/installation.md.", id="absurd_agents.E006"))
     for queue in settings.all_queues:
         problem = conf.queue_name_error(queue)
         if problem:
@@ -80,8 +82,10 @@ def check_database(app_configs: Any = None, databases: Any = None, **kwargs: Any
                 id="absurd_agents.E004",
             )
         ]
-    if version is None or version == schema.EXPECTED_VERSION:
+    if version is None:
         return []
+    if version == schema.EXPECTED_VERSION:
+        return _storage_mismatches(connection)
     # ``migrate`` runs these checks before migrating: while this app has unapplied migrations (an
     # upgrade migration among them), an error here would stop the very command that fixes it.
     if _unapplied_migrations(connection):
@@ -100,6 +104,14 @@ def check_database(app_configs: Any = None, databases: Any = None, **kwargs: Any
             "Upgrading Absurd).",
             id="absurd_agents.E004",
         )
+    ]
+
+
+def _storage_mismatches(connection: Any) -> list[Error | Warning]:
+    """A declared queue stored otherwise in the database: Absurd cannot convert a queue's storage."""
+    return [
+        Error(str(mismatch), hint=mismatch.hint, id="absurd_agents.E007")
+        for mismatch in schema.storage_mismatches(connection, conf.get())
     ]
 
 

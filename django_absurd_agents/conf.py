@@ -6,8 +6,9 @@ check (``absurd_agents.E005``) so that a typo does not silently fall back to a d
 
 from __future__ import annotations
 
+import datetime
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
@@ -17,6 +18,7 @@ DEFAULTS: dict[str, Any] = {
     # Database alias whose connection the Absurd client and the sync helpers use.
     "DATABASE_ALIAS": "default",
     # Queues created on ``migrate``; the first one is the default queue unless DEFAULT_QUEUE says otherwise.
+    # An entry is a name, or a dict {"name", "storage": "unpartitioned" | "partitioned", "cleanup_ttl", ...}.
     "QUEUES": ["agents"],
     "DEFAULT_QUEUE": None,
     # Task name -> queue, so a web process spawns by name into the right queue without importing the task.
@@ -91,6 +93,130 @@ def queue_name_error(name: object) -> str | None:
     return None
 
 
+STORAGE_MODES = ("unpartitioned", "partitioned")
+
+POLICY_KEYS: dict[str, str] = {
+    "cleanup_ttl": "interval",
+    "cleanup_limit": "count",
+    "partition_lookahead": "interval",
+    "partition_lookback": "interval",
+}
+"""The columns of ``absurd.queues`` a QUEUES entry may set, and the kind of value each takes."""
+
+PARTITION_ONLY_KEYS = frozenset({"partition_lookahead", "partition_lookback"})
+
+_INTERVAL_UNIT = r"(?:second|minute|hour|day|week|month|year)s?"
+_INTERVAL_RE = re.compile(rf"^\s*\d+\s*{_INTERVAL_UNIT}(?:\s+\d+\s*{_INTERVAL_UNIT})*\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """One queue as declared in ``QUEUES``: how Absurd stores it and the policy ``migrate`` writes.
+
+    ``storage`` is None when the entry does not say (a plain name): the queue is created unpartitioned
+    and an existing one is taken as it is. ``policy`` holds only the keys the entry gave, as Postgres
+    takes them (intervals as text): a key left out keeps whatever ``absurd.queues`` holds, Absurd's
+    default or a value set by hand.
+    """
+
+    name: str
+    storage: str | None = None
+    policy: dict[str, str | int] = field(default_factory=dict)
+
+    @property
+    def storage_to_create(self) -> str:
+        return self.storage or "unpartitioned"
+
+
+def interval_text(value: object) -> str | None:
+    """``value`` as interval text Postgres reads (``"30 days"``), or None when it is not one.
+
+    A ``datetime.timedelta`` or a text of ``<number> <unit>`` pairs (seconds up to years); checked here,
+    so a typo is refused by ``manage.py check`` rather than by Postgres in the middle of ``migrate``.
+    """
+    if isinstance(value, datetime.timedelta):
+        if value < datetime.timedelta(0):
+            return None
+        parts = [(value.days, "days"), (value.seconds, "seconds"), (value.microseconds, "microseconds")]
+        return " ".join(f"{amount} {unit}" for amount, unit in parts if amount) or "0 seconds"
+    if isinstance(value, str) and _INTERVAL_RE.match(value):
+        return value.strip()
+    return None
+
+
+def _policy_value(name: str, key: str, value: object) -> tuple[str | int | None, str | None]:
+    """``(value as stored, None)``, or ``(None, why it is refused)``."""
+    if POLICY_KEYS[key] == "count":
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value, None
+        return None, f"QUEUES entry {name!r}: {key} must be a whole number of at least 1, not {value!r}."
+    text = interval_text(value)
+    if text is None:
+        return None, (
+            f'QUEUES entry {name!r}: {key} {value!r} is not an interval. Write it as "30 days", "12 hours", '
+            '"2 weeks 3 days" or a datetime.timedelta.'
+        )
+    return text, None
+
+
+def parse_queue_entry(entry: object) -> tuple[QueueSpec | None, list[str]]:
+    """One ``QUEUES`` entry as a :class:`QueueSpec`, with the problems found (empty when it is valid)."""
+    if isinstance(entry, str):
+        return QueueSpec(entry), []  # a bad name is reported with the other names (absurd_agents.E003)
+    if not isinstance(entry, dict):
+        return None, [f"QUEUES entry {entry!r} must be a queue name or a dict with a 'name' key."]
+    name = entry.get("name")
+    problem = queue_name_error(name)
+    if problem:
+        return None, [f"QUEUES entry {entry!r}: {problem} Give the dict a 'name' key."]
+    assert isinstance(name, str)
+    problems: list[str] = []
+    unknown = sorted(set(entry) - {"name", "storage", *POLICY_KEYS})
+    if unknown:
+        problems.append(
+            f"QUEUES entry {name!r} has unknown key(s) {', '.join(map(repr, unknown))}. "
+            f"Valid keys: name, storage, {', '.join(POLICY_KEYS)}."
+        )
+    storage = entry.get("storage")
+    if storage is not None and storage not in STORAGE_MODES:
+        problems.append(f"QUEUES entry {name!r}: storage {storage!r} is not one of 'unpartitioned', 'partitioned'.")
+    policy: dict[str, str | int] = {}
+    for key in POLICY_KEYS:
+        if key not in entry:
+            continue
+        if key in PARTITION_ONLY_KEYS and storage != "partitioned":
+            problems.append(
+                f'QUEUES entry {name!r}: {key} applies to partitioned queues only. Add "storage": '
+                '"partitioned" (a new queue) or remove the key.'
+            )
+            continue
+        value, problem = _policy_value(name, key, entry[key])
+        if problem:
+            problems.append(problem)
+        elif value is not None:
+            policy[key] = value
+    return QueueSpec(name, storage if storage in STORAGE_MODES else None, policy), problems
+
+
+def parse_queues(entries: object) -> tuple[tuple[QueueSpec, ...], tuple[str, ...]]:
+    """Every valid entry of ``QUEUES`` as a spec, and every problem (each names its fix)."""
+    if isinstance(entries, str) or not isinstance(entries, list | tuple):
+        return (), (f"QUEUES must be a list of queue names or dicts, not {entries!r}.",)
+    specs: dict[str, QueueSpec] = {}
+    problems: list[str] = []
+    for entry in entries:
+        spec, found = parse_queue_entry(entry)
+        problems.extend(found)
+        if spec is None:
+            continue
+        if spec.name in specs:
+            if specs[spec.name] != spec:
+                problems.append(f"Queue {spec.name!r} is listed twice in QUEUES, differently. Keep one entry.")
+            continue
+        specs[spec.name] = spec
+    return tuple(specs.values()), tuple(problems)
+
+
 @dataclass(frozen=True)
 class AgentsSettings:
     database_alias: str
@@ -115,6 +241,17 @@ class AgentsSettings:
     direct_database_url: str | None
     allow_schema_drop: bool
     metrics_token: str | None = None
+    queue_specs: tuple[QueueSpec, ...] = ()
+    """The declared queues with their storage and policy (``queues`` holds their names)."""
+    queue_problems: tuple[str, ...] = ()
+    """What is wrong in ``QUEUES``; reported by ``manage.py check`` (E006) and refused by ``migrate``."""
+
+    def queue_spec(self, name: str) -> QueueSpec:
+        """The declared spec of ``name``; a queue only routed to, or the default one, says nothing but its name."""
+        for spec in self.queue_specs:
+            if spec.name == name:
+                return spec
+        return QueueSpec(name)
 
     @property
     def all_queues(self) -> tuple[str, ...]:
@@ -147,7 +284,8 @@ def get() -> AgentsSettings:
 
 def _build() -> AgentsSettings:
     merged = {**DEFAULTS, **user_settings()}
-    queues = tuple(merged["QUEUES"] or ())
+    specs, queue_problems = parse_queues(merged["QUEUES"] or [])
+    queues = tuple(spec.name for spec in specs)
     default_queue = merged["DEFAULT_QUEUE"] or (queues[0] if queues else "agents")
     return AgentsSettings(
         database_alias=merged["DATABASE_ALIAS"],
@@ -172,4 +310,6 @@ def _build() -> AgentsSettings:
         direct_database_url=merged["DIRECT_DATABASE_URL"] or None,
         allow_schema_drop=bool(merged["ALLOW_SCHEMA_DROP"]),
         metrics_token=merged["METRICS_TOKEN"] or None,
+        queue_specs=specs or (QueueSpec(default_queue),),
+        queue_problems=queue_problems,
     )

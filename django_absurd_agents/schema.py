@@ -7,6 +7,7 @@ The SQL itself always comes from the installed ``absurdctl`` package (``BUNDLED_
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -172,19 +173,74 @@ def drop(connection: BaseDatabaseWrapper) -> None:
         cursor.execute("drop schema if exists absurd cascade")
 
 
-def provision_queues(connection: BaseDatabaseWrapper, queues: Iterable[str]) -> list[str]:
-    """Create the missing queues; returns the ones created.
+class QueueStorageError(RuntimeError):
+    """A queue declared with a storage mode the database does not have it in; nothing was changed."""
 
-    :data:`LOCK_KEY`, held until the transaction ends, keeps two deploys that migrate at once from
-    racing on the catalog; the second one waits, then finds the queues present.
+    def __init__(self, queue: str, declared: str, stored: str) -> None:
+        super().__init__(
+            f"Queue {queue!r} is stored {stored} in the database, but ABSURD_AGENTS['QUEUES'] declares it "
+            f"{declared}. Absurd cannot change the storage of an existing queue."
+        )
+        self.hint = (
+            f'Declare it as "storage": "{stored}" again, or give the {declared} queue a new name (e.g. '
+            f"'{queue}_{declared[:4]}'), route new tasks there (DEFAULT_QUEUE, TASK_ROUTES) and run migrate; "
+            "once the old queue's tasks are finished, remove it from QUEUES and drop it "
+            f"(select absurd.drop_queue('{queue}'))."
+        )
+
+
+def _stored_modes(cursor: Any) -> dict[str, str]:
+    cursor.execute("select queue_name, storage_mode from absurd.queues")
+    return {str(name): str(mode) for name, mode in cursor.fetchall()}
+
+
+def _mismatches(stored: dict[str, str], specs: Iterable[Any]) -> list[QueueStorageError]:
+    return [
+        QueueStorageError(spec.name, spec.storage, stored[spec.name])
+        for spec in specs
+        if spec.storage is not None and spec.name in stored and stored[spec.name] != spec.storage
+    ]
+
+
+def storage_mismatches(connection: BaseDatabaseWrapper, settings: Any) -> list[QueueStorageError]:
+    """Declared queues whose storage mode (``QUEUES`` entry ``storage``) differs from the database's."""
+    with connection.cursor() as cursor:
+        cursor.execute("select to_regclass('absurd.queues') is not null")
+        if not cursor.fetchone()[0]:
+            return []
+        return _mismatches(_stored_modes(cursor), settings.queue_specs)
+
+
+def provision_queues(connection: BaseDatabaseWrapper, queues: Iterable[str]) -> list[str]:
+    """Create the missing queues with their declared storage, write their declared policy; returns those created.
+
+    Every queue is checked first: a problem in ``QUEUES`` is refused before any SQL, a storage mode the
+    database has otherwise before any change. A partitioned queue's weekly partitions are topped up
+    (``absurd.ensure_partitions``), so each deploy leaves the weeks ahead ready. :data:`LOCK_KEY`, held
+    until the transaction ends, keeps two deploys that migrate at once from racing on the catalog; the
+    second one waits, then finds the queues present.
     """
+    from django.core.exceptions import ImproperlyConfigured
+
+    from django_absurd_agents import conf
+
+    settings = conf.get()
+    if settings.queue_problems:
+        raise ImproperlyConfigured(" ".join(settings.queue_problems))
+    specs = [settings.queue_spec(queue) for queue in queues]
     created: list[str] = []
     with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
         lock_schema(connection)
-        cursor.execute("select queue_name from absurd.queues")
-        present = {row[0] for row in cursor.fetchall()}
-        for queue in queues:
-            if queue not in present:
-                cursor.execute("select absurd.create_queue(%s)", [queue])
-                created.append(queue)
+        present = _stored_modes(cursor)
+        mismatches = _mismatches(present, specs)
+        if mismatches:
+            raise mismatches[0]
+        for spec in specs:
+            if spec.name not in present:
+                cursor.execute("select absurd.create_queue(%s, %s)", [spec.name, spec.storage_to_create])
+                created.append(spec.name)
+            if spec.policy:
+                cursor.execute("select absurd.set_queue_policy(%s, %s::jsonb)", [spec.name, json.dumps(spec.policy)])
+            if present.get(spec.name, spec.storage_to_create) == "partitioned":
+                cursor.execute("select absurd.ensure_partitions(%s)", [spec.name])
     return created

@@ -238,6 +238,10 @@ REVIEWED_SPLICES = {
     "table('r', q)",
     "table('t', name)",
     "_ops.table('e', queue)",
+    "table('i', queue)",
+    # partitions.py: a week's partition of a queue's table, named by table() from the catalog's relname.
+    "week.partition('t')",
+    "week.partition('r')",
     # absurd_task.py / absurd_tasks.py: local names for the same table() results.
     "t",
     "r",

@@ -75,6 +75,9 @@ class ProjectAbsurd(AsyncAbsurd):
         self._conns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncConnection[Any]] = (
             weakref.WeakKeyDictionary()
         )
+        self._connecting: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
         self._queue_override: str | None = None
 
     @property
@@ -123,16 +126,19 @@ class ProjectAbsurd(AsyncAbsurd):
         await self.live_connection()
 
     async def live_connection(self) -> AsyncConnection[Any]:
-        """This loop's connection, opened again if it is closed or broke (a database restart)."""
+        """This loop's connection, opened again if it is closed or broke (a database restart).
+
+        One task opens it while the others sharing the client wait: a worker starting 100 tasks at
+        once on a fresh client would otherwise open 100 connections and keep one
+        (bench/bench_fleet.py), a burst that can hit ``max_connections``.
+        """
         loop = asyncio.get_running_loop()
         conn = self._conns.get(loop)
         if conn is None or conn.closed or conn.broken:
-            fresh = await AsyncConnection.connect(**connection_params(), autocommit=True)
-            conn = self._conns.get(loop)
-            if conn is None or conn.closed or conn.broken:  # no task sharing it reconnected meanwhile
-                self._conns[loop] = conn = fresh
-            else:
-                await fresh.close()
+            async with self._connecting.setdefault(loop, asyncio.Lock()):
+                conn = self._conns.get(loop)
+                if conn is None or conn.closed or conn.broken:  # no task sharing it reconnected meanwhile
+                    self._conns[loop] = conn = await AsyncConnection.connect(**connection_params(), autocommit=True)
         return conn
 
     async def close(self) -> None:

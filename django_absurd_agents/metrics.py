@@ -134,8 +134,9 @@ def recent_steps(
 
     The checkpoints are reached through the runs created within ``window`` plus a day (a range of the
     runs' primary key, see ``run_id_floor``) that were not finished before the window, then the
-    checkpoints' primary key: nothing is read whole. All of a run's checkpoints are read, the older
-    ones only to find the start of the first step in the window.
+    checkpoints' primary key, run by run (a lateral subquery: as a plain join the planner would
+    rather read the checkpoint table whole). All of a run's checkpoints are read, the older ones only
+    to find the start of the first step in the window.
     """
     if not queues:
         return {}, {}
@@ -144,11 +145,12 @@ def recent_steps(
         f"{_tokens('s', 'input')} as input_tokens, {_tokens('s', 'output')} as output_tokens, "
         "coalesce(sum(s.seconds), 0) as seconds_sum, count(s.seconds) as timed from "
         f"(select %s::text as queue, {_KIND} as kind, c.state, c.updated_at, w.since, "
-        "extract(epoch from c.updated_at - greatest(lag(c.updated_at) over "
-        "(partition by c.owner_run_id order by c.updated_at, c.checkpoint_name), "
+        "extract(epoch from c.updated_at - greatest(c.previous, "
         "case when r.started_at <= c.updated_at then r.started_at end)) as seconds "
-        f"from {table('r', q)} r join {table('c', q)} c on c.task_id = r.task_id and c.owner_run_id = r.run_id, "
-        "(select now() - %s::interval as since) w "
+        f"from (select now() - %s::interval as since) w cross join {table('r', q)} r cross join lateral "
+        "(select c.checkpoint_name, c.state, c.updated_at, "
+        "lag(c.updated_at) over (order by c.updated_at, c.checkpoint_name) as previous "
+        f"from {table('c', q)} c where c.task_id = r.task_id and c.owner_run_id = r.run_id) c "
         "where r.run_id >= %s and r.started_at is not null "
         "and coalesce(r.completed_at, r.failed_at, 'infinity'::timestamptz) >= w.since) s "
         "where s.updated_at >= s.since group by 1, 2)"

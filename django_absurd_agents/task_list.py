@@ -204,16 +204,19 @@ def _estimated_rows(queues: Iterable[str], prefix: str = "t") -> dict[str, float
     """The planner's row estimate of each queue's table (-1 when the table was never analysed).
 
     Like the planner, the density measured by the last ANALYZE is scaled to the table's current size,
-    so a table that grew since is not under-counted.
+    so a table that grew since is not under-counted. A partitioned queue's table holds no rows itself:
+    its estimate is the sum of its partitions' (an empty partition never analysed counts 0).
     """
     names = [f"{prefix}_{queue}" for queue in queues]
     found = rows(
-        "select c.relname, case when c.reltuples < 0 then -1 "
+        "select p.relname, case when min(e.estimate) < 0 then -1 else sum(e.estimate) end as estimate "
+        "from pg_class p join pg_namespace n on n.oid = p.relnamespace "
+        "left join pg_inherits i on i.inhparent = p.oid join pg_class c on c.oid = coalesce(i.inhrelid, p.oid), "
+        "lateral (select case when pg_relation_size(c.oid) = 0 then 0 when c.reltuples < 0 then -1 "
         "when c.relpages > 0 then c.reltuples / c.relpages "
         "* (pg_relation_size(c.oid) / current_setting('block_size')::float8) "
-        "else c.reltuples end as estimate "
-        "from pg_class c join pg_namespace n on n.oid = c.relnamespace "
-        "where n.nspname = 'absurd' and c.relname = any(%s)",
+        "else c.reltuples end as estimate) e "
+        "where n.nspname = 'absurd' and p.relname = any(%s) group by p.relname",
         [names],
     )
     by_name = {row["relname"]: float(row["estimate"]) for row in found}

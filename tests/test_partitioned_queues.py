@@ -22,7 +22,7 @@ from django.db import connection, transaction
 from django.test import Client, override_settings
 from django.urls import reverse
 
-from django_absurd_agents import absurd, conf, partitions, schema
+from django_absurd_agents import absurd, conf, partitions, schema, task_list
 from django_absurd_agents.checks import check_database, check_settings
 from django_absurd_agents.testing import run_tasks
 
@@ -232,6 +232,18 @@ def test_the_admin_lists_and_shows_tasks_of_a_partitioned_queue(parted: str) -> 
         )
         assert detail.status_code == 200
         assert "double" in detail.content.decode()  # the step, read from the week's checkpoint partition
+
+
+def test_the_row_estimate_of_a_partitioned_queue_sums_its_weeks(parted: str) -> None:
+    spawn()
+    move_back(spawn(), 3)
+    assert task_list._estimated_rows([parted]) == {parted: -1.0}  # weeks with rows, never analysed
+    leaves = sql(
+        "select inhrelid::regclass::text from pg_inherits where inhparent = %s::regclass", [f"absurd.t_{parted}"]
+    )
+    for (leaf,) in leaves:  # as autovacuum does: the partitions, never the partitioned table itself
+        sql(f"analyze {leaf}")
+    assert task_list._estimated_rows([parted]) == {parted: 2.0}
 
 
 def claim_one() -> str:

@@ -301,3 +301,30 @@ def test_a_week_holding_the_first_run_of_a_task_retried_later_is_kept(parted: st
     [(retry_run,)] = sql(f"select last_attempt_run from absurd.t_{parted} where task_id = %s", [task])
     run_week = next(week for week in weeks if week.lower <= retry_run < week.upper)
     assert partitions.holding_tasks(parted, run_week, before) == 1  # the pending task of an older week
+
+
+@absurd.register_task(name="parted_agents_noop", queue="agents")
+async def agents_noop(params: Any, ctx: Any) -> None:
+    return None
+
+
+def test_one_cleanup_deletes_rows_of_an_unpartitioned_queue_and_only_drops_weeks_of_a_partitioned_one(
+    parted: str,
+) -> None:
+    row_task = str(absurd.spawn_sync("parted_agents_noop", {})["task_id"])
+    finished = spawn()
+    run_tasks(["agents", parted])
+    finished = move_back(finished, 6)
+    holder = move_back(spawn(), 6)  # pending, in the same week as the finished task
+
+    out = StringIO()
+    fake_now(datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=60))
+    try:
+        call_command("absurd_cleanup", stdout=out)
+    finally:
+        fake_now(None)
+
+    assert "agents: deleted 1 task(s)" in out.getvalue()
+    assert sql("select count(*) from absurd.t_agents where task_id = %s", [row_task]) == [(0,)]
+    assert "parted: kept the week from" in out.getvalue() and "1 of its task(s)" in out.getvalue()
+    assert (state(finished), state(holder)) == ("completed", "pending")  # no row deletion in a kept week

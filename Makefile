@@ -66,10 +66,11 @@ $(STAMP52): pyproject.toml requirements-dev.txt
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
-# Rewrites the docs' admin screenshot, taken by the browser test (needs Chromium). Tests write only
-# to temporary directories, so `make test` never touches the tracked image.
+# Rewrites the docs' admin screenshots and the README's demo timeline, taken by the browser tests (needs
+# Chromium). Tests write only to temporary directories, so `make test` never touches the tracked images.
 screenshots: install
-	ABSURD_AGENTS_SCREENSHOT=$(CURDIR)/docs/images/admin-task-detail.png $(PY) -m pytest -q tests/test_admin_browser.py
+	ABSURD_AGENTS_SCREENSHOTS=$(CURDIR)/docs/images $(PY) -m pytest -q \
+		tests/test_admin_browser.py tests/test_ops_browser.py tests/test_admin_live_browser.py
 
 bench: install
 	$(PY) bench/run_all.py

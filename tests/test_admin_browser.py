@@ -6,8 +6,9 @@ descriptors 3 and 4, NUL-separated JSON), so nothing beyond the standard library
 
 Without Chromium the test fails rather than skips: a skip would let CI pass without ever opening the
 admin in a browser (``.ci/run`` installs the package). The screenshot goes to the test's ``tmp_path``;
-``make screenshots`` runs this test with ``ABSURD_AGENTS_SCREENSHOT`` naming the docs image
-(``docs/images/admin-task-detail.png``, shown in ``docs/admin.md``), the only way it is rewritten.
+``make screenshots`` runs the browser tests with ``ABSURD_AGENTS_SCREENSHOTS`` naming ``docs/images``, and
+``keep_screenshot`` copies each docs image there (``admin-task-detail.png``, shown in ``docs/admin.md``):
+the only way the tracked images are rewritten.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from django.test.testcases import LiveServerThread
 
 from django_absurd_agents import absurd
 from tests.test_admin import run_worker, task_url
+from tests.test_worker import wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 MISSING_CHROMIUM = (
@@ -40,11 +42,22 @@ MISSING_CHROMIUM = (
     "(`apt-get install -y chromium`; `.ci/run` does it when run as root), or deselect this test with "
     "`-m 'not slow'`."
 )
-# Set by `make screenshots` only: where to copy the screenshot for the docs.
-SCREENSHOT_ENV = "ABSURD_AGENTS_SCREENSHOT"
+# Set by `make screenshots` only: the directory the docs' images are copied to.
+SCREENSHOTS_ENV = "ABSURD_AGENTS_SCREENSHOTS"
 WIDTH, HEIGHT = 1400, 1500
 
 pytestmark = pytest.mark.slow
+
+
+def keep_screenshot(png: bytes, tmp_path: Path, name: str) -> Path:
+    """Write ``png`` to the test's ``tmp_path`` as ``name``, and under that name to the docs' images for
+    ``make screenshots`` (``$ABSURD_AGENTS_SCREENSHOTS``), never during ``make test``."""
+    path = tmp_path / name
+    path.write_bytes(png)
+    docs_images = os.environ.get(SCREENSHOTS_ENV)
+    if docs_images:
+        (Path(docs_images) / name).write_bytes(png)
+    return path
 
 
 def _high_pipe() -> tuple[int, int]:
@@ -227,10 +240,13 @@ def test_log_in_open_an_agent_task_and_take_a_screenshot(
     assert browser.evaluate("getComputedStyle(document.querySelector('#header')).display") == "flex"
     for expected in ("analyse", "completed", "Model request 1", "Tool quote", "ACME", "12.5", "done: quote="):
         assert expected in text, expected
+    # This agent does not write the event log: the live panel reads its end and says how to switch it on.
+    panel = "document.querySelector('[data-live-events]')"
+    done = f"{panel}.getAttribute('data-live-done') === 'completed'"
+    wait_until(lambda: browser.evaluate(done), "the live panel to read the end of the event log", 15)
+    said = browser.evaluate(f"{panel}.textContent")
+    assert "This task logged no events" in said and "event_log=True" in said
     shot = browser.call("Page.captureScreenshot", {"format": "png"})["data"]
     png = base64.b64decode(shot)
     assert png.startswith(b"\x89PNG") and len(png) > 20_000
-    (tmp_path / "admin-task-detail.png").write_bytes(png)
-    docs_image = os.environ.get(SCREENSHOT_ENV)
-    if docs_image:  # `make screenshots`, never `make test`
-        Path(docs_image).write_bytes(png)
+    keep_screenshot(png, tmp_path, "admin-task-detail.png")

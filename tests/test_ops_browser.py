@@ -2,7 +2,9 @@
 
 Driven like ``test_admin_browser`` (Chromium at /usr/bin/chromium over the DevTools pipe; a missing
 Chromium fails, never skips). Screenshots go to the test's temporary directory, never over tracked
-files.
+files; ``make screenshots`` copies the overview's and the worker list's to ``docs/images``
+(``admin-overview.png``, ``admin-workers.png``), shown in ``docs/admin.md``. The docs' timeline is a real
+crash's, taken by ``test_admin_live_browser``; this one's first attempt is faked in SQL.
 """
 
 from __future__ import annotations
@@ -17,16 +19,29 @@ from django.utils import timezone
 
 from django_absurd_agents.models import Worker
 from tests.test_admin import task_url
-from tests.test_admin_browser import DevToolsPipe, browser, site  # noqa: F401  (fixtures)
+from tests.test_admin_browser import (  # noqa: F401  (fixtures)
+    HEIGHT,
+    WIDTH,
+    DevToolsPipe,
+    browser,
+    keep_screenshot,
+    site,
+)
 from tests.test_admin_charts import crash_and_resume
 
 pytestmark = pytest.mark.slow
 
 
-def screenshot(browser: DevToolsPipe, path: Path) -> bytes:  # noqa: F811
-    png = base64.b64decode(browser.call("Page.captureScreenshot", {"format": "png"})["data"])
+def screenshot(browser: DevToolsPipe, tmp_path: Path, name: str, *, for_docs: bool = True) -> bytes:  # noqa: F811
+    """The window down to the end of the page's content (no empty screen below a short page)."""
+    bottom = browser.evaluate("document.querySelector('#content').getBoundingClientRect().bottom + 24")
+    clip = {"x": 0, "y": 0, "width": WIDTH, "height": min(HEIGHT, max(400, int(bottom))), "scale": 1}
+    png = base64.b64decode(browser.call("Page.captureScreenshot", {"format": "png", "clip": clip})["data"])
     assert png.startswith(b"\x89PNG") and len(png) > 20_000
-    path.write_bytes(png)
+    if for_docs:
+        keep_screenshot(png, tmp_path, name)
+    else:
+        (tmp_path / name).write_bytes(png)
     return png
 
 
@@ -67,19 +82,19 @@ def test_overview_workers_and_timeline_in_a_browser(
     )
     assert browser.evaluate("location.pathname") == overview
     assert "Runs over time" in browser.evaluate("document.querySelector('#absurd-charts-link').textContent")
-    screenshot(browser, tmp_path / "overview.png")
+    screenshot(browser, tmp_path, "admin-overview.png")
 
     browser.navigate(f"{site}{charts}")
     assert "Runs over time" in browser.evaluate("document.body.innerText")
     assert browser.evaluate("document.querySelectorAll('figure.absurd-chart svg').length") == 4
     assert drawn_width(browser, "figure.absurd-chart svg") > 300
     assert browser.evaluate("document.querySelectorAll('figure.absurd-chart rect').length") >= 2
-    screenshot(browser, tmp_path / "charts.png")
+    screenshot(browser, tmp_path, "charts.png", for_docs=False)
 
     browser.navigate(f"{site}{reverse('admin:absurd_agents_worker_changelist')}")
     text = browser.evaluate("document.body.innerText")
     assert "rescuer" in text and "box-1" in text and "alive" in text
-    screenshot(browser, tmp_path / "workers.png")
+    screenshot(browser, tmp_path, "admin-workers.png")
 
     browser.navigate(f"{site}{task_url('agents', task_id)}")
     assert drawn_width(browser, "#absurd-timeline") > 300
@@ -90,10 +105,10 @@ def test_overview_workers_and_timeline_in_a_browser(
         "document.querySelector('a.absurd-worker') && document.querySelector('a.absurd-worker').textContent"
     )
     assert link == "rescuer"
-    screenshot(browser, tmp_path / "task-timeline.png")
+    screenshot(browser, tmp_path, "task-timeline.png", for_docs=False)
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "admin-overview.png",
+        "admin-workers.png",
         "charts.png",
-        "overview.png",
         "task-timeline.png",
-        "workers.png",
     ]

@@ -205,6 +205,6 @@ def upkeep(queue: str) -> Upkeep:
             done.dropped_tasks += tasks
         elif outcome == BUSY:
             done.busy.append(week.starts)
-        else:
-            done.kept.append((week.starts, 1))
+        else:  # work came back between the check and the lock: a task retried meanwhile
+            done.kept.append((week.starts, max(1, holding_tasks(queue, week, before))))
     return done

@@ -328,3 +328,41 @@ def test_one_cleanup_deletes_rows_of_an_unpartitioned_queue_and_only_drops_weeks
     assert sql("select count(*) from absurd.t_agents where task_id = %s", [row_task]) == [(0,)]
     assert "parted: kept the week from" in out.getvalue() and "1 of its task(s)" in out.getvalue()
     assert (state(finished), state(holder)) == ("completed", "pending")  # no row deletion in a kept week
+
+
+def expired_week_of(task_id: str, before: datetime.datetime) -> partitions.Week:
+    return next(w for w in partitions.expired_weeks(QUEUE, before) if w.lower <= uuid.UUID(task_id) < w.upper)
+
+
+def test_a_drop_checks_again_under_its_lock_and_keeps_a_task_retried_since_the_check(parted: str) -> None:
+    failed = str(absurd.spawn_sync("parted_echo", {"n": 1}, max_attempts=1)["task_id"])
+    assert claim_one() == failed
+    [(run_id,)] = sql(f"select run_id from absurd.r_{parted} where task_id = %s", [failed])
+    sql('select absurd.fail_run(%s, %s, \'{"message": "boom"}\'::jsonb, null)', [parted, run_id])
+    assert state(failed) == "failed"
+    failed = move_back(failed, 6)
+    before = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=30)
+    week = expired_week_of(failed, before)
+    assert partitions.holding_tasks(parted, week, before) == 0  # the unlocked check would drop it
+
+    sql("select absurd.retry_task(%s, %s)", [parted, failed])  # an operator retries it meanwhile
+    assert partitions.drop_week(parted, week, before) == (partitions.HELD, 0)
+    assert state(failed) == "pending" and week_table(failed) is not None
+
+
+def test_a_drop_gives_up_after_the_lock_timeout_when_the_queue_is_busy(parted: str) -> None:
+    import psycopg
+
+    from tests.conftest import database_url
+
+    done = spawn()
+    run_tasks([parted])
+    done = move_back(done, 6)
+    before = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=30)
+    week = expired_week_of(done, before)
+    with psycopg.connect(database_url()) as other:  # another session reading the queue, in a long transaction
+        other.execute(f"select count(*) from absurd.t_{parted}")
+        assert partitions.drop_week(parted, week, before) == (partitions.BUSY, 0)
+    assert state(done) == "completed"
+    assert partitions.drop_week(parted, week, before) == (partitions.DROPPED, 1)  # once the session is gone
+    assert state(done) is None

@@ -4,7 +4,8 @@ Each test marks the page's ``window`` once it is loaded; the mark is still there
 changed came from ``admin_live.js`` swapping regions in place, not from a reload. What a page shows is
 polled with a deadline (its refresh interval is a few seconds, fixed by the template).
 
-* The overview counts a task spawned after the page was opened; the worker list shows a worker that
+* The overview counts a task spawned after the page was opened, but not while its tab is hidden (it
+  catches up when the tab is shown); the worker list shows a worker that
   reported itself after it was opened; when the permission is taken away the page stops refreshing and
   says why, and so it does when the session ends.
 * A task's page follows the task's event log while a worker streams the answer: the first words appear,
@@ -117,6 +118,22 @@ def test_the_overview_and_the_worker_list_change_without_a_reload(
     absurd.spawn_sync("analyse", {"prompt": "counted live"})  # committed: this test is transactional
     shows(browser, f"{queue_total('agents')} === '1'", "the overview to count the new task")
     assert "updated" in browser.evaluate(STATUS)
+
+    # A hidden tab fetches nothing, and catches up as soon as it is shown again.
+    browser.evaluate(
+        "window.__fetches = 0; const fetchPage = window.fetch;"
+        " window.fetch = (...args) => { window.__fetches += 1; return fetchPage(...args); };"
+        " Object.defineProperty(document, 'hidden', {configurable: true, get: () => true});"
+        " document.dispatchEvent(new Event('visibilitychange'));"
+    )
+    absurd.spawn_sync("analyse", {"prompt": "counted once the tab is shown"})
+    shows(browser, f"{STATUS}.includes('paused')", "the refresh to pause")
+    assert browser.evaluate("window.__fetches") == 0 and browser.evaluate(queue_total("agents")) == "1"
+    browser.evaluate(
+        "Object.defineProperty(document, 'hidden', {configurable: true, get: () => false});"
+        " document.dispatchEvent(new Event('visibilitychange'));"
+    )
+    shows(browser, f"{queue_total('agents')} === '2'", "the overview to catch up", timeout=5)
 
     browser.navigate(f"{site}{reverse('admin:absurd_agents_worker_changelist')}")
     mark_loaded(browser)

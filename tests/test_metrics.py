@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from django_absurd_agents.models import Worker
 from django_absurd_agents.testing import run_tasks
 from tests import agents  # noqa: F401  (registers analyse and analyse_then_fail_once)
 from tests.test_admin import client_for, fail_by_claim_timeout, make_user
+from tests.test_durable_agent import start_worker, wait_exit
 
 TOKEN = "s3cret-scrape-token"
 WITH_TOKEN = {"QUEUES": ["agents", "other"], "CLAIM_TIMEOUT": 30, "METRICS_TOKEN": TOKEN}
@@ -186,6 +188,38 @@ def test_metrics_count_the_tokens_a_second_attempt_replayed_instead_of_paying() 
     model = '{kind="model",queue="agents"}'
     assert found[f"absurd_steps{model}"] == found[f"absurd_step_duration_seconds_count{model}"] == 3
     assert found[f"absurd_step_duration_seconds_sum{model}"] >= 0
+
+
+@pytest.mark.slow
+def test_metrics_count_the_tokens_replayed_after_a_worker_died(
+    worker_env: dict[str, str], clean_queues: None, tmp_path: Path
+) -> None:
+    """A worker process exits hard inside the first tool call; the next one replays the first model request."""
+    env = {**worker_env, "CALL_LOG": str(tmp_path / "calls.log"), "CLAIM_TIMEOUT": "1"}
+    task_id = absurd.spawn_sync("analyse", {"prompt": "How is ACME?"})["task_id"]
+    assert wait_exit(start_worker(task_id, env, CRASH_AT="tool:quote")) == 137
+    assert wait_exit(start_worker(task_id, env)) == 0
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "select c.checkpoint_name, r.attempt, (c.state->'usage'->>'input_tokens')::int, "
+            "(c.state->'usage'->>'output_tokens')::int from absurd.c_agents c "
+            "join absurd.r_agents r on r.run_id = c.owner_run_id "
+            "where c.task_id = %s and c.checkpoint_name like 'analyst__model.request%%' order by c.updated_at",
+            [task_id],
+        )
+        models = cursor.fetchall()
+    assert [(name, attempt) for name, attempt, _, _ in models] == [
+        ("analyst__model.request", 1),  # paid by the killed attempt, replayed by the second
+        ("analyst__model.request#2", 2),
+        ("analyst__model.request#3", 2),
+    ]
+    first_in, first_out = models[0][2], models[0][3]
+    assert first_in > 0 and first_out > 0
+
+    found = samples(client_for(make_user("viewer", "view_absurdtask")).get(metrics_url()).content.decode())
+    assert found['absurd_model_tokens_replayed{direction="input",queue="agents"}'] == first_in
+    assert found['absurd_model_tokens_replayed{direction="output",queue="agents"}'] == first_out
+    assert found['absurd_model_tokens{direction="input",queue="agents"}'] == sum(row[2] for row in models)
 
 
 @pytest.mark.django_db

@@ -14,7 +14,7 @@ from django.contrib.auth.models import User
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from django_absurd_agents.models import AgentEvent, Turn
+from django_absurd_agents.models import AgentEvent, Conversation, Turn
 from tests.test_event_views import answered, chunk_text, chunks, client_for, people, sync_body  # noqa: F401
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -73,3 +73,16 @@ def test_whether_a_turn_exists_is_told_only_to_the_owner(
     assert client_for(people["owner"]).get(chat_url(answered, missing)).status_code == 404
     for who in ("viewer", "stranger"):
         assert client_for(people[who]).get(chat_url(answered, missing)).status_code == 403, who
+
+
+def test_resuming_the_unfinished_turn_needs_the_owner_and_the_rule(
+    people: dict[str, User],  # noqa: F811
+    settings: Any,
+) -> None:
+    conversation = Conversation.objects.create(agent="narrator", owner=people["owner"])
+    conversation.send("Tell me a story.")  # no worker: the turn stays pending
+    resume = f"/agents/conversations/{conversation.pk}/chat"
+    assert client_for(people["viewer"]).get(resume).status_code == 403  # not the owner's conversation
+    settings.ABSURD_AGENTS = {**settings.ABSURD_AGENTS, "EVENTS_ACCESS": lambda request, task_id: False}
+    assert client_for(people["owner"]).get(resume).status_code == 403  # the owner, but the project's rule says no
+    assert client_for(people["stranger"]).get(resume).status_code == 403

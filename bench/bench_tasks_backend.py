@@ -1,11 +1,14 @@
 """The ``django.tasks`` backend against the project's own Absurd calls, side by side in one run.
 
-Run: ``.venv/bin/python bench/bench_tasks_backend.py [--spawns 200] [--rounds 15] [--tasks 1000] [--worker-rounds 3]``.
+Run: ``.venv/bin/python bench/bench_tasks_backend.py [--spawns 200] [--rounds 15] [--tasks 1000] [--worker-rounds 3]``
+(``--worker-rounds 0``: the enqueue rate only).
 
 1. Enqueue rate: ``@task.enqueue()`` through ``AbsurdTaskBackend`` against ``absurd.spawn_sync`` of the
    same params, each call its own transaction on Django's connection. Within a round the two sides
    alternate call by call (so both see the same moments of load); printed are each side's median
-   rate and the median of the per-round ratios (goal: at least 0.9).
+   rate and the median of the per-round ratios (goal: at least 0.9). On a shared machine a few calls
+   preempted for milliseconds sway those sums, so the ratio of each side's median call, and their
+   difference (what the backend adds to a spawn, in microseconds), are printed too.
 2. Worker throughput: ``manage.py absurd_worker`` (one process, default concurrency) runs N trivial
    tasks committed in one transaction while it idles: the sync ``@task`` ``add`` (run through
    ``sync_to_async`` on the task's thread, with Django's task signals), the async ``@task``
@@ -27,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +58,20 @@ def per_second(call: Callable[[], object], count: int) -> float:
     return count / (time.perf_counter() - started)
 
 
-def bench_enqueue(count: int, rounds: int) -> tuple[list[float], list[float], list[float]]:
+@dataclass
+class EnqueueRates:
+    """Per round: each side's rate (calls / time spent), and the two ratios of backend to plain."""
+
+    backend: list[float] = field(default_factory=list)
+    plain: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+    typical_ratios: list[float] = field(default_factory=list)
+    """Of the median calls: a call that another process preempted for milliseconds does not count."""
+    overhead_us: list[float] = field(default_factory=list)
+    """Median enqueue minus median spawn, in microseconds: what the backend adds to a spawn."""
+
+
+def bench_enqueue(count: int, rounds: int) -> EnqueueRates:
     from django.db import connection
 
     from django_absurd_agents import absurd
@@ -69,27 +86,25 @@ def bench_enqueue(count: int, rounds: int) -> tuple[list[float], list[float], li
     connection.ensure_connection()
     per_second(enqueue, 50)
     per_second(spawn, 50)  # warm both paths
-    backend: list[float] = []
-    plain: list[float] = []
-    ratios: list[float] = []
+    rates = EnqueueRates()
     clock = time.perf_counter
     for _ in range(rounds):
         empty_queue()
-        spent = {enqueue: 0.0, spawn: 0.0}
+        spent: dict[Callable[[], object], list[float]] = {enqueue: [], spawn: []}
         # Call by call, alternating which side goes first, so that both see the same moments of load.
         for number in range(count):
             for call in (enqueue, spawn) if number % 2 == 0 else (spawn, enqueue):
                 started = clock()
                 call()
-                spent[call] += clock() - started
-        backend.append(count / spent[enqueue])
-        plain.append(count / spent[spawn])
-        ratios.append(backend[-1] / plain[-1])
+                spent[call].append(clock() - started)
+        rates.backend.append(count / sum(spent[enqueue]))
+        rates.plain.append(count / sum(spent[spawn]))
+        rates.ratios.append(rates.backend[-1] / rates.plain[-1])
+        typical_enqueue, typical_spawn = statistics.median(spent[enqueue]), statistics.median(spent[spawn])
+        rates.typical_ratios.append(typical_spawn / typical_enqueue)
+        rates.overhead_us.append((typical_enqueue - typical_spawn) * 1e6)
     empty_queue()
-    return backend, plain, ratios
-
-
-# --- worker throughput --------------------------------------------------------------------------------
+    return rates
 
 
 def serve(ready: str) -> None:
@@ -176,18 +191,23 @@ def main() -> None:
     parser.add_argument("--spawns", type=int, default=200, help="enqueues per side and round")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--tasks", type=int, default=1000, help="tasks per worker measurement")
-    parser.add_argument("--worker-rounds", type=int, default=3)
+    parser.add_argument("--worker-rounds", type=int, default=3, help="0 measures the enqueue rate only")
     args = parser.parse_args()
     url = database_url(DATABASE)
     setup_django(url)
-    backend, plain, ratios = bench_enqueue(args.spawns, args.rounds)
+    rates = bench_enqueue(args.spawns, args.rounds)
+    median = statistics.median
     print(f"enqueue, {args.rounds} rounds of {args.spawns} (each its own transaction on Django's connection):")
-    print(f"  @task.enqueue() (AbsurdTaskBackend)  {statistics.median(backend):8.0f} /s")
-    print(f"  absurd.spawn_sync()                  {statistics.median(plain):8.0f} /s")
-    print(f"  ratio (median of rounds)             {statistics.median(ratios):8.2f}  (goal >= 0.9)")
-    rates = bench_worker(url, args.tasks, args.worker_rounds)
+    print(f"  @task.enqueue() (AbsurdTaskBackend)  {median(rates.backend):8.0f} /s")
+    print(f"  absurd.spawn_sync()                  {median(rates.plain):8.0f} /s")
+    print(f"  ratio (median of rounds)             {median(rates.ratios):8.2f}  (goal >= 0.9)")
+    print(f"  ratio of the median calls            {median(rates.typical_ratios):8.2f}")
+    print(f"  backend's cost per enqueue           {median(rates.overhead_us):8.0f} us")
+    if not args.worker_rounds:  # --worker-rounds 0: the enqueue rate only
+        return
+    worker_rates = bench_worker(url, args.tasks, args.worker_rounds)
     print(f"absurd_worker, {args.tasks} trivial tasks committed at once, median of {args.worker_rounds} rounds:")
-    for kind, values in rates.items():
+    for kind, values in worker_rates.items():
         print(f"  {kind:28s} {statistics.median(values):8.0f} tasks/s")
 
 

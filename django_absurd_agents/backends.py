@@ -135,7 +135,7 @@ class AbsurdTaskBackend(BaseTaskBackend):
             self.queues = set()  # any queue of ABSURD_AGENTS, checked at enqueue (settings may change)
         self.max_attempts: int | None = self.options.get("MAX_ATTEMPTS")
         self.retry_strategy: dict[str, Any] | None = self.options.get("RETRY_STRATEGY")
-        self._validated: dict[Any, tuple[conf.AgentsSettings, str]] = {}
+        self._spawn_arguments: dict[Any, tuple[conf.AgentsSettings, dict[str, Any]]] = {}
 
     def validate_task(self, task: Any) -> None:
         if task.priority != DEFAULT_TASK_PRIORITY:
@@ -152,20 +152,31 @@ class AbsurdTaskBackend(BaseTaskBackend):
                 f"`manage.py migrate` (known queues: {', '.join(known)})."
             )
 
-    def _checked_queue(self, task: Any) -> str:
-        """The task's Absurd queue once the task is valid; remembered per task while the settings stay."""
+    def _spawn_of(self, task: Any) -> dict[str, Any]:
+        """The arguments of ``spawn_sync`` but the params, once the task is valid.
+
+        Worked out once per task while the settings stay (the same object): an enqueue then costs one
+        dict lookup instead of validating the task, resolving its queue and building the options.
+        """
         settings = conf.get()
-        known = self._validated.get(task) if task.run_after is None else None
+        known = self._spawn_arguments.get(task) if task.run_after is None else None
         if known is not None and known[0] is settings:
             return known[1]
         self.validate_task(task)
-        queue = absurd_queue(task.queue_name)
+        spawn = {
+            "task_name": task.module_path,
+            "queue": absurd_queue(task.queue_name),
+            "max_attempts": self.max_attempts,
+            "retry_strategy": self.retry_strategy,
+            # The worker runs the task through the alias its decorator names, unless told otherwise.
+            "headers": None if task.backend == self.alias else {BACKEND_HEADER: self.alias},
+        }
         if task.run_after is None:  # a task with run_after is a new object per call: not worth keeping
-            self._validated[task] = (settings, queue)
-        return queue
+            self._spawn_arguments[task] = (settings, spawn)
+        return spawn
 
     def enqueue(self, task: Any, args: Any, kwargs: Any) -> Any:
-        queue = self._checked_queue(task)
+        spawn = self._spawn_of(task)
         result: Any = TaskResult(
             task=task,
             id="",
@@ -180,22 +191,17 @@ class AbsurdTaskBackend(BaseTaskBackend):
             errors=[],
             worker_ids=[],
         )
-        spawn = {
-            "task_name": task.module_path,
-            "params": {"args": result.args, "kwargs": result.kwargs},
-            "queue": queue,
-            "max_attempts": self.max_attempts,
-            "retry_strategy": self.retry_strategy,
-            # The worker runs the task through the alias its decorator names, unless told otherwise.
-            "headers": None if task.backend == self.alias else {BACKEND_HEADER: self.alias},
-        }
+        params = {"args": result.args, "kwargs": result.kwargs}
+        headers = spawn["headers"]
+        if headers is not None:  # a before_spawn hook may change the headers it is given: never the kept ones
+            spawn = {**spawn, "headers": dict(headers)}
         if task.run_after is None:
-            spawned = absurd.spawn_sync(**spawn)
+            spawned = absurd.spawn_sync(params=params, **spawn)
         else:
             with transaction.atomic(using=conf.get().database_alias):
-                spawned = absurd.spawn_sync(**spawn)
+                spawned = absurd.spawn_sync(params=params, **spawn)
                 with django_connection().cursor() as cursor:
-                    cursor.execute(_defer_statement(queue), [task.run_after, spawned["run_id"]])
+                    cursor.execute(_defer_statement(spawn["queue"]), [task.run_after, spawned["run_id"]])
         object.__setattr__(result, "id", spawned["task_id"])
         object.__setattr__(result, "enqueued_at", timezone.now())
         sync_receivers, async_receivers = django_internals.live_receivers(task_enqueued, type(self))

@@ -135,6 +135,22 @@ def test_queues_map_to_absurd_queues_and_using_moves_a_task() -> None:
     assert result.task.queue_name == "other" and result.return_value == 3
 
 
+def test_what_an_enqueue_keeps_per_task_follows_the_settings() -> None:
+    """The queue and options worked out at a task's first enqueue are worked out again when settings change."""
+    tf.add.enqueue(1, 2)
+    tf.on_other.enqueue(3)
+    with override_settings(ABSURD_AGENTS={"QUEUES": ["agents", "other"], "DEFAULT_QUEUE": "other"}):
+        tf.add.enqueue(4, 5)
+    with (
+        override_settings(ABSURD_AGENTS={"QUEUES": ["agents"]}),
+        pytest.raises(InvalidTask, match=r"'other' is not an Absurd queue"),
+    ):
+        tf.on_other.enqueue(6)
+    tf.add.enqueue(7, 8)
+    assert [row[1] for row in task_rows("agents")] == ["tests.task_functions.add"] * 2
+    assert [row[1] for row in task_rows("other")] == ["tests.task_functions.on_other", "tests.task_functions.add"]
+
+
 def test_unknown_queues_and_priority_are_refused_with_the_fix() -> None:
     with pytest.raises(InvalidTask, match=r"not an Absurd queue: add it to ABSURD_AGENTS\['QUEUES'\]"):
         tf.add.using(queue_name="nowhere")

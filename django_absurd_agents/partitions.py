@@ -149,14 +149,14 @@ def _changed_since_check(week: Week, before: datetime.datetime) -> tuple[bool, i
     tasks and runs never land in a past week. So this cheaper check completes :func:`holding_tasks`.
     """
     statement = (
-        f"select (select count(*) from {week.partition('t')}) as tasks, "
-        f"exists (select 1 from {week.partition('t')} where state <> all(%s) "
-        f"or last_attempt_run >= absurd.uuidv7_floor(%s)) "
-        f"or exists (select 1 from {week.partition('r')} where state <> all(%s)) as changed"
+        f"select count(*) as tasks, "
+        f"count(*) filter (where state <> all(%s) or last_attempt_run >= absurd.uuidv7_floor(%s)) "
+        f"+ (select count(*) from (select 1 from {week.partition('r')} where state <> all(%s) limit 1) r) as changed "
+        f"from {week.partition('t')}"
     )
     finished = list(FINISHED_STATES)
     found = rows(statement, [finished, before, finished])[0]
-    return bool(found["changed"]), int(found["tasks"])
+    return found["changed"] > 0, int(found["tasks"])
 
 
 def _execute(statement: str, params: list[object] | None = None) -> None:

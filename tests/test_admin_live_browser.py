@@ -12,6 +12,7 @@ polled with a deadline (its refresh interval is a few seconds, fixed by the temp
   the worker is killed with SIGKILL, a second worker resumes, the panel says "worker lost, resuming" and
   drops the dead attempt's words, and the page's state, runs and timeline catch up by themselves.
 
+* A project's ``EVENTS_ACCESS`` that refuses the log: the task page opens, its panel says it may not read it.
 * The task page of ``make demo``'s run (the example's report agent, its worker SIGKILLed in the middle of
   a model call) shows two attempts on its timeline and the resume in its event log.
 
@@ -277,3 +278,23 @@ def screenshot_of(browser: DevToolsPipe, top: str, bottom: str) -> bytes:  # noq
     png = base64.b64decode(shot["data"])
     assert png.startswith(b"\x89PNG") and len(png) > 5_000
     return png
+
+
+def test_the_panel_says_so_when_the_projects_rule_refuses_the_event_log(
+    site: str,  # noqa: F811
+    browser: DevToolsPipe,  # noqa: F811
+    clean_queues: None,
+    settings: Any,
+) -> None:
+    settings.ABSURD_AGENTS = {**settings.ABSURD_AGENTS, "EVENTS_ACCESS": "tests.test_admin_live_browser.nobody"}
+    make_user("operator", "view_absurdtask")
+    task_id = absurd.spawn_sync("analyse", {"prompt": "not for your eyes"})["task_id"]
+    log_in(browser, site, "operator", "pw", task_url("agents", task_id))  # the page itself: the view permission
+    mark_loaded(browser)
+    shows(browser, f"{PANEL}.getAttribute('data-live-done') === 'error'", "the panel to give up")
+    assert "EVENTS_ACCESS" in browser.evaluate(f"{PANEL}.textContent")
+
+
+def nobody(request: Any, task_id: str) -> bool:
+    """A project's ``EVENTS_ACCESS`` that lets nobody read an event log."""
+    return False

@@ -204,12 +204,8 @@ class AbsurdTaskBackend(BaseTaskBackend):
                     cursor.execute(_defer_statement(spawn["queue"]), [task.run_after, spawned["run_id"]])
         object.__setattr__(result, "id", spawned["task_id"])
         object.__setattr__(result, "enqueued_at", timezone.now())
-        sync_receivers, async_receivers = django_internals.live_receivers(task_enqueued, type(self))
-        if async_receivers or not _django_own(sync_receivers):
-            task_enqueued.send(type(self), task_result=result)
-        else:  # only django.tasks' logger: called as send() would, without its bookkeeping
-            for receiver in sync_receivers:
-                receiver(signal=task_enqueued, sender=type(self), task_result=result)
+        # send() itself: with only django.tasks' logger connected it costs what calling the logger does (2 µs).
+        task_enqueued.send(type(self), task_result=result)
         return result
 
     def get_result(self, result_id: str) -> Any:

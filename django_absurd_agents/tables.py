@@ -17,6 +17,7 @@ connection, inside the caller's transaction.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -76,16 +77,17 @@ def load_json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
+_UUID_TEXT = re.compile(r"\{?[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}\}?", re.IGNORECASE)
+"""What a person types as a task id; stricter than ``uuid.UUID``, which also takes ``+1900000-...``."""
+
+
 def parse_uuid(value: object) -> uuid.UUID | None:
     """``value`` as a UUID when it is one (or its text, blanks around it ignored), else None."""
     if isinstance(value, uuid.UUID):
         return value
-    if not isinstance(value, str):
+    if not isinstance(value, str) or not _UUID_TEXT.fullmatch(value.strip()):
         return None
-    try:
-        return uuid.UUID(value.strip())
-    except ValueError:
-        return None
+    return uuid.UUID(value.strip())
 
 
 _INSTALLED_SQL = "select to_regclass('absurd.queues') is not null as installed"

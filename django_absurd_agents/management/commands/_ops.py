@@ -69,14 +69,12 @@ def queue_name_given(value: str) -> str:
     return value
 
 
-_UUID_RE = re.compile(r"\{?[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}\}?", re.IGNORECASE)
-
-
 def task_id(value: str) -> uuid.UUID:
     """``value`` as a task id, or a CommandError naming it; checked before any SQL."""
-    if not isinstance(value, str) or not _UUID_RE.fullmatch(value.strip()):
+    parsed = tables.parse_uuid(value)
+    if parsed is None:
         raise CommandError(f"{value!r} is not a task id (a UUID such as 0190c3e2-8f4e-7c2a-9d1b-3f5e6a7b8c9d).")
-    return uuid.UUID(value.strip())
+    return parsed
 
 
 def locate_task(identifier: uuid.UUID, queue: str | None = None) -> tuple[str, str]:

@@ -239,6 +239,14 @@ REVIEWED_SPLICES = {
     "table('t', name)",
     "_ops.table('e', queue)",
     "table('i', queue)",
+    "table('c', q)",
+    # metrics.py: fixed SQL expressions (a case over checkpoint names; a token sum whose alias and
+    # direction are literals at every call).
+    "_KIND",
+    "_tokens('s', 'input')",
+    "_tokens('s', 'output')",
+    "_tokens('c', 'input')",
+    "_tokens('c', 'output')",
     # partitions.py: a week's partition of a queue's table, named by table() from the catalog's relname.
     "week.partition('t')",
     "week.partition('r')",

@@ -41,8 +41,12 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy django_absurd_agents
 
+# Two test processes (pytest-xdist): most tests wait on worker processes and PostgreSQL, so two run
+# side by side in about the time of one; each process has its own test database.
+PYTEST_PARALLEL := -n 2 --dist worksteal
+
 pytest: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_PARALLEL)
 
 test: lint typecheck docs pytest test-django52
 
@@ -50,7 +54,7 @@ test: lint typecheck docs pytest test-django52
 VENV52 := .venv-django52
 STAMP52 := $(VENV52)/.installed
 test-django52: install $(STAMP52)
-	$(VENV52)/bin/python -m pytest -q -m "not slow"
+	$(VENV52)/bin/python -m pytest -q $(PYTEST_PARALLEL) -m "not slow"
 
 # Rebuilt when the pins change, like .venv.
 $(STAMP52): pyproject.toml requirements-dev.txt

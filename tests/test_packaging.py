@@ -21,7 +21,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 ROOT = Path(__file__).resolve().parent.parent
-DATABASE = "absurd_agents_packaging"
+DATABASE = f"absurd_agents_packaging{os.environ.get('PYTEST_XDIST_WORKER', '')}"
 
 
 SETTINGS = """

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = ["bench_spawn.py", "bench_engine.py", "bench_worker.py", "bench_admin.py", "bench_load.py"]
+BENCHES = ["bench_spawn.py", "bench_engine.py", "bench_worker.py", "bench_admin.py", "bench_load.py", "bench_fleet.py"]
 
 
 def main() -> int:

@@ -16,17 +16,23 @@ if TYPE_CHECKING:
     from django_absurd_agents.conversations import register_chat_agent
     from django_absurd_agents.database import database_config
     from django_absurd_agents.durability import AbsurdDurability
+    from django_absurd_agents.exceptions import (
+        AbsurdAgentsError,
+        InvalidParams,
+        TaskNotFound,
+        UnknownQueue,
+        UnrecordableStepResult,
+    )
     from django_absurd_agents.external_events import (
         fail_external_event,
         fail_external_event_sync,
         resolve_external_event,
         resolve_external_event_sync,
     )
-    from django_absurd_agents.jsonsafe import InvalidParams, UnrecordableStepResult
-    from django_absurd_agents.validation import TaskNotFound, UnknownQueue
 
 __all__ = [
     "AbsurdAgent",
+    "AbsurdAgentsError",
     "AbsurdDurability",
     "DjangoConversationStore",
     "InvalidParams",
@@ -45,13 +51,14 @@ __all__ = [
 
 _EXPORTS = {
     "AbsurdAgent": "django_absurd_agents.agent",
+    "AbsurdAgentsError": "django_absurd_agents.exceptions",
     "AbsurdDurability": "django_absurd_agents.durability",
     "DjangoConversationStore": "django_absurd_agents.conversation_store",
-    "InvalidParams": "django_absurd_agents.jsonsafe",
+    "InvalidParams": "django_absurd_agents.exceptions",
     "ProjectAbsurd": "django_absurd_agents.client",
     "TaskNotFound": "django_absurd_agents.validation",
     "UnknownQueue": "django_absurd_agents.validation",
-    "UnrecordableStepResult": "django_absurd_agents.jsonsafe",
+    "UnrecordableStepResult": "django_absurd_agents.exceptions",
     "absurd": "django_absurd_agents.client",
     "database_config": "django_absurd_agents.database",
     "fail_external_event": "django_absurd_agents.external_events",

@@ -39,6 +39,7 @@ from django_absurd_agents import conf
 from django_absurd_agents.event_access import may_read_events
 from django_absurd_agents.event_log import ATTEMPT
 from django_absurd_agents.event_stream import END, follow
+from django_absurd_agents.exceptions import TurnFailed
 from django_absurd_agents.sse import resume_offset, streaming
 
 SDK_VERSION: Literal[5, 6, 7] = 5
@@ -53,10 +54,6 @@ class AttemptStarted(CustomEvent, name="absurd-attempt"):
 
     def to_payload(self) -> Any:
         return {"attempt": self.attempt, "discardAfter": self.discard_after}
-
-
-class TurnFailed(Exception):
-    """The turn's task ended without an answer; the stream ends with an error chunk saying so."""
 
 
 def _alias() -> str:

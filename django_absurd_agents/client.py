@@ -42,8 +42,8 @@ from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
 from django_absurd_agents import conf, jsonsafe, progress, spawning, validation
+from django_absurd_agents.exceptions import InvalidParams as InvalidParams  # re-exported: its old home
 from django_absurd_agents.execution import execute_claimed
-from django_absurd_agents.jsonsafe import InvalidParams as InvalidParams  # re-exported: its old home
 from django_absurd_agents.lease import keep_lease
 from django_absurd_agents.registry import TaskRegistry
 from django_absurd_agents.task_context import check_context

@@ -24,13 +24,10 @@ from pydantic import ValidationError
 from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter
 
 from django_absurd_agents import conf
+from django_absurd_agents.exceptions import CorruptHistory
 
 if TYPE_CHECKING:
     from django_absurd_agents.conversation_models import Turn
-
-
-class CorruptHistory(ValueError):
-    """Stored entries that do not load as Pydantic AI messages (edited by hand, or by another version)."""
 
 
 class StoredEntry(NamedTuple):

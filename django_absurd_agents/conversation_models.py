@@ -45,6 +45,7 @@ from django_absurd_agents.conversation_entries import (
     entry_chain,
     sweep_entries,
 )
+from django_absurd_agents.exceptions import TurnTimeout
 from django_absurd_agents.tables import FINISHED_STATES
 
 logger = logging.getLogger("django_absurd_agents.conversations")
@@ -59,10 +60,6 @@ STORE_FIELDS = frozenset(
     {"key", "revision", "head", "usage", "deferred_tool_requests", "branches", "forked_from", "forked_at"}
 )
 """Fields only the store writes, guarded by the revision; ``Conversation.save()`` leaves them alone."""
-
-
-class TurnTimeout(TimeoutError):
-    """A turn did not finish within the time a caller was willing to wait."""
 
 
 def _alias() -> str:

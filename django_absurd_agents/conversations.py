@@ -45,7 +45,7 @@ from pydantic_core import to_jsonable_python
 from django_absurd_agents import conf, sdk
 from django_absurd_agents.agent import AbsurdAgent
 from django_absurd_agents.client import absurd, encode_json
-from django_absurd_agents.conversation_entries import CorruptHistory, Entry
+from django_absurd_agents.conversation_entries import Entry
 from django_absurd_agents.conversation_models import (
     DEFERRED_RESULTS,
     TURN_TASK,
@@ -55,6 +55,7 @@ from django_absurd_agents.conversation_models import (
     done_event,
 )
 from django_absurd_agents.conversation_store import DjangoConversationStore
+from django_absurd_agents.exceptions import AbsurdAgentsError, CorruptHistory, StaleConversation, UnknownChatAgent
 
 __all__ = ["TURN_TASK", "CorruptHistory", "TurnTimeout", "UnknownChatAgent", "chat_agent", "register_chat_agent"]
 
@@ -63,14 +64,6 @@ logger = logging.getLogger("django_absurd_agents.conversations")
 RECORD: TypeAdapter[ConversationRecord] = TypeAdapter(ConversationRecord)
 
 DepsFactory = Callable[[Turn], Any]
-
-
-class UnknownChatAgent(LookupError):
-    """A turn names a chat agent this worker has not registered."""
-
-
-class StaleConversation(RuntimeError):
-    """The conversation was saved by something other than its turns while a turn ran."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +143,7 @@ class _Checkpointed(DjangoConversationStore):
         return self._snapshot if conversation_id == self._snapshot.conversation_id else None
 
 
-class _AlreadyStored(Exception):
+class _AlreadyStored(AbsurdAgentsError, Exception):
     """The turn was completed by an earlier execution of its save: roll this one back."""
 
 

@@ -43,7 +43,8 @@ from pydantic_core import PydanticSerializationError
 
 from django_absurd_agents import durable_sleep, sdk
 from django_absurd_agents import event_log as log
-from django_absurd_agents.jsonsafe import UnrecordableStepResult, find_problem
+from django_absurd_agents.exceptions import UnrecordableStepResult
+from django_absurd_agents.jsonsafe import find_problem
 from django_absurd_agents.lease import keep_lease, lease_kept
 from django_absurd_agents.task_context import make_last_attempt
 

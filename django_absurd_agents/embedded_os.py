@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NamedTuple
 
+from django_absurd_agents.exceptions import EmbeddedPostgresError
+
 DATA_DIR_ENV = "ABSURD_AGENTS_PGDATA"
 #: The socket is named ``.s.PGSQL.5432``; without TCP the number cannot collide with anything.
 PORT = 5432
@@ -61,10 +63,6 @@ SOCKET_DIR_MODE = 0o700
 SOCKET_MODE = 0o700
 #: The log and the lock file: the project's user only.
 PRIVATE_FILE_MODE = 0o600
-
-
-class EmbeddedPostgresError(RuntimeError):
-    """The embedded server is missing, cannot be started or cannot be reached."""
 
 
 def bin_dir() -> Path:

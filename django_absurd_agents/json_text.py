@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from django_absurd_agents import jsonsafe
+from django_absurd_agents.exceptions import UnstorableJSON
 
 MAX_JSON_CHARS = 200_000
 """Stored JSON longer than this is cut on a page (the database keeps all of it)."""
@@ -51,10 +52,6 @@ def pretty_json(value: Any, limit: int | None = MAX_JSON_CHARS) -> str:
     if len(text) > limit:
         return f"{text[:limit]}\n… ({len(text) - limit:,} more characters not shown)"
     return text
-
-
-class UnstorableJSON(ValueError):
-    """Valid JSON text (or nearly: NaN, Infinity) that PostgreSQL's jsonb cannot store."""
 
 
 def _refuse_constant(name: str) -> Any:

@@ -37,6 +37,8 @@ from pydantic import BaseModel
 from pydantic_ai.messages import ModelMessagesTypeAdapter, ModelRequest, ModelResponse
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
+from django_absurd_agents.exceptions import AbsurdAgentsError, InvalidParams
+
 MAX_DEPTH = 200
 """Deepest nesting of lists and dicts accepted (real data is a few levels deep; a cycle is infinite)."""
 
@@ -50,19 +52,6 @@ GENERIC_HINT = (
     "Pass dicts, lists, strings, numbers, booleans, None, or UUID/datetime/date/Decimal values; pass a "
     "model instance by its primary key."
 )
-
-
-class InvalidParams(ValueError):
-    """Task params, an event payload or a spawn argument that cannot be stored; nothing was written."""
-
-
-class UnrecordableStepResult(TypeError):
-    """A step's result cannot be written to its checkpoint; the message names the step (and so the tool).
-
-    The step's body has run, so the task is failed without another attempt: a retry would run the
-    body (a side-effecting tool, a paid model request) again only to fail the same way. Fix the code,
-    then retry the task: it resumes after the last recorded step.
-    """
 
 
 class Problem:
@@ -179,7 +168,7 @@ def find_problem(value: Any, *, max_depth: int = MAX_DEPTH) -> Problem | None:
     return None
 
 
-class _Unstorable(ValueError):
+class _Unstorable(AbsurdAgentsError, ValueError):
     """A pydantic value whose JSON form Postgres would refuse (a NUL character in a message, say)."""
 
     def __init__(self, problem: Problem, type_name: str) -> None:

@@ -27,7 +27,7 @@ from absurd_sdk import AsyncTaskContext, StepHandle
 
 from django_absurd_agents import conf, jsonsafe, sdk
 from django_absurd_agents.attempts import last_attempt_statement
-from django_absurd_agents.jsonsafe import UnrecordableStepResult
+from django_absurd_agents.exceptions import UnrecordableStepResult
 
 logger = logging.getLogger("django_absurd_agents.worker")
 

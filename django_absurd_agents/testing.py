@@ -32,6 +32,7 @@ from django.test import TransactionTestCase
 
 from django_absurd_agents import conf
 from django_absurd_agents.client import ProjectAbsurd, absurd
+from django_absurd_agents.exceptions import TransactionNotCommitted
 from django_absurd_agents.execution import execute_claimed
 from django_absurd_agents.registry import load_resolvers
 from django_absurd_agents.task_thread import on_task_thread
@@ -64,10 +65,6 @@ class RanTask:
     result: Any = None
     """The task's return value when ``outcome`` is ``"completed"``."""
     error: BaseException | None = None
-
-
-class TransactionNotCommitted(RuntimeError):
-    """A helper was asked to run tasks that the test's own open transaction hides from it."""
 
 
 def _refuse_uncommitted(what: str) -> None:

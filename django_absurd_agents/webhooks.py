@@ -49,7 +49,7 @@ from django.views.decorators.http import require_POST
 
 from django_absurd_agents import conf
 from django_absurd_agents.client import absurd
-from django_absurd_agents.jsonsafe import InvalidParams
+from django_absurd_agents.exceptions import AbsurdAgentsError, InvalidParams
 
 SCHEMES = {
     # scheme: (signature header, timestamp header); Stripe's timestamp is inside its signature header
@@ -129,7 +129,7 @@ def hook(name: str) -> Hook | None:
     )
 
 
-class Refused(Exception):
+class Refused(AbsurdAgentsError, Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status

@@ -33,12 +33,13 @@ from django.utils import timezone
 
 from django_absurd_agents import conf, schedules, sdk, worker_record
 from django_absurd_agents.client import ProjectAbsurd, absurd
+from django_absurd_agents.exceptions import WorkerError
 from django_absurd_agents.execution import execute_claimed
 from django_absurd_agents.liveness import heartbeat_age, write_heartbeat
 from django_absurd_agents.reconnect import is_misconfigured, is_transient
 from django_absurd_agents.task_thread import on_task_thread
 from django_absurd_agents.wakeup import listen_for_spawns
-from django_absurd_agents.worker_config import WorkerConfig, WorkerError, discover_tasks, misconfigured
+from django_absurd_agents.worker_config import WorkerConfig, discover_tasks, misconfigured
 from django_absurd_agents.worker_log import log_banner, log_end, log_start, log_unrecorded, one_line
 
 __all__ = ["Worker", "WorkerConfig", "WorkerError", "discover_tasks", "heartbeat_age", "write_heartbeat"]

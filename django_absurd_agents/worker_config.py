@@ -17,6 +17,7 @@ from typing import Any
 from django.utils.module_loading import autodiscover_modules
 
 from django_absurd_agents import conf, schedules
+from django_absurd_agents.exceptions import WorkerError
 from django_absurd_agents.worker_log import one_line
 
 MAX_CONCURRENCY = 10_000
@@ -47,10 +48,6 @@ def check_ranges(values: dict[str, Any], given: set[str]) -> None:
         low_ok = finite and (value > lowest if above else value >= lowest)
         if not (low_ok and value <= highest):
             raise WorkerError(f"{source} must be {kind} {bound} and at most {highest:g}, not {value!r}.")
-
-
-class WorkerError(Exception):
-    """A configuration problem that keeps the worker from starting; the message names the fix."""
 
 
 @dataclass(frozen=True)

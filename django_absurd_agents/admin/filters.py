@@ -18,6 +18,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 from django.utils.http import urlencode
 
+from django_absurd_agents.exceptions import AbsurdAgentsError
 from django_absurd_agents.tables import STATES, parse_uuid
 from django_absurd_agents.task_list import TaskFilters
 
@@ -31,7 +32,7 @@ CREATED_PRESETS: dict[str, tuple[str, datetime.timedelta | None]] = {
 DATE_FORMATS = "YYYY-MM-DD or YYYY-MM-DD HH:MM"
 
 
-class BadMoment(ValueError):
+class BadMoment(AbsurdAgentsError, ValueError):
     """A created_since / created_until value that is not a date, or a date that does not exist."""
 
 

@@ -6,7 +6,8 @@ from typing import Any
 
 from django import forms
 
-from django_absurd_agents.json_text import UnstorableJSON, loads_storable_json
+from django_absurd_agents.exceptions import UnstorableJSON
+from django_absurd_agents.json_text import loads_storable_json
 
 
 class RetryForm(forms.Form):

@@ -8,7 +8,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from django_absurd_agents import conf, task_records
 from django_absurd_agents.client import absurd
-from django_absurd_agents.json_text import UnstorableJSON, loads_storable_json, text_problem
+from django_absurd_agents.exceptions import UnstorableJSON
+from django_absurd_agents.json_text import loads_storable_json, text_problem
 from django_absurd_agents.management.commands import _ops
 
 

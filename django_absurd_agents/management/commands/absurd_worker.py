@@ -10,7 +10,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from django_absurd_agents import conf
-from django_absurd_agents.worker import Worker, WorkerConfig, WorkerError, discover_tasks
+from django_absurd_agents.exceptions import WorkerError
+from django_absurd_agents.worker import Worker, WorkerConfig, discover_tasks
 
 _LEVELS = {0: logging.WARNING, 1: logging.INFO}
 

@@ -266,10 +266,14 @@ def task_names(queues: Sequence[str] | None = None, *, known: Iterable[str] = ()
             branches = [f"(select distinct task_name from {table('t', q)})" for q in small]
             names.update(row["task_name"] for row in rows(" union ".join(branches)))
         if large:
-            found = rows(
+            parents = [f"t_{q}" for q in large]
+            found = rows(  # a partitioned queue's statistics are its partitions' (autovacuum skips the parent)
                 "select most_common_vals::text::text[] as names from pg_stats "
-                "where schemaname = 'absurd' and attname = 'task_name' and tablename = any(%s)",
-                [[f"t_{q}" for q in large]],
+                "where schemaname = 'absurd' and attname = 'task_name' and (tablename = any(%s) or tablename in ("
+                "select c.relname from pg_inherits i join pg_class c on c.oid = i.inhrelid "
+                "join pg_class p on p.oid = i.inhparent "
+                "where p.relnamespace = 'absurd'::regnamespace and p.relname = any(%s)))",
+                [parents, parents],
             )
             for row in found:
                 names.update(row["names"] or [])

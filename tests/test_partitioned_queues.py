@@ -234,16 +234,22 @@ def test_the_admin_lists_and_shows_tasks_of_a_partitioned_queue(parted: str) -> 
         assert "double" in detail.content.decode()  # the step, read from the week's checkpoint partition
 
 
-def test_the_row_estimate_of_a_partitioned_queue_sums_its_weeks(parted: str) -> None:
-    spawn()
+def test_the_row_estimate_and_task_names_of_a_partitioned_queue_come_from_its_weeks(
+    parted: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     move_back(spawn(), 3)
+    for _ in range(2):  # twice in this week's partition: a name the statistics count as common
+        spawn()
+        absurd.spawn_sync("parted_unregistered", {}, queue=parted)
     assert task_list._estimated_rows([parted]) == {parted: -1.0}  # weeks with rows, never analysed
     leaves = sql(
         "select inhrelid::regclass::text from pg_inherits where inhparent = %s::regclass", [f"absurd.t_{parted}"]
     )
     for (leaf,) in leaves:  # as autovacuum does: the partitions, never the partitioned table itself
         sql(f"analyze {leaf}")
-    assert task_list._estimated_rows([parted]) == {parted: 2.0}
+    assert task_list._estimated_rows([parted]) == {parted: 5.0}
+    monkeypatch.setattr(task_list, "SMALL_TABLE_ROWS", 1)  # read as a large queue: from statistics only
+    assert task_list.task_names([parted]) == ["parted_echo", "parted_unregistered"]
 
 
 def claim_one() -> str:

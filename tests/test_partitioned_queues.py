@@ -1,9 +1,10 @@
 """Partitioned queues: declared in QUEUES, provisioned by migrate, run by the worker, read by the admin,
 kept by ``absurd_cleanup``, which drops expired weeks whole and never a week holding unfinished work.
 
-Weeks in the past are made with ``absurd.fake_now`` on Django's connection: on PostgreSQL 15 Absurd's
-UUIDv7 ids take their time from ``absurd.current_time()``, so a task spawned under a faked clock lands
-in that week's partition.
+A task is put in a past week by giving it (and its runs) ids of that week (:func:`move_back`): on
+PostgreSQL 18 Absurd's UUIDv7 ids come from the server's ``uuidv7()``, which ``absurd.fake_now``
+does not move. The clock is faked only for what Absurd reads from ``absurd.current_time()``: the
+weeks ``ensure_partitions`` creates, the cleanup's "now", a cancellation's time.
 """
 
 from __future__ import annotations

@@ -136,6 +136,11 @@ def test_both_statements_find_the_same_last_tasks(settings: Any, monkeypatch: py
     by_scan = schedule_overview.last_spawns(by_queue)
 
     assert by_index == by_scan
+    if schedule_overview.sorts_by_code_point():  # then the bounds are a range of the index, as they are in C
+        with connection.cursor() as cursor:
+            own, nested, low, high = "schedule:a:2026", "schedule:a:b:2026", "schedule:a:0", "schedule:a::"
+            cursor.execute("select %s > %s and %s < %s and %s > %s", [own, low, own, high, nested, high])
+            assert cursor.fetchone()[0] is True
     assert by_index["a"].occurrence == datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
     assert by_index["a:b"].occurrence == datetime(2026, 12, 3, 12, 2, tzinfo=UTC)
 

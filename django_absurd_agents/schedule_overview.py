@@ -4,15 +4,17 @@ Schedules live in settings (``schedules``); what they spawned lives in the queue
 task under the idempotency key ``schedule:<name>:<occurrence>``. The last task a schedule spawned is
 the one with the greatest key after that prefix (the occurrences are UTC ISO times of one fixed width,
 so their text sorts as their time). It is read with one statement per queue, each schedule's newest
-key found by walking the unique index of ``idempotency_key`` backwards from the end of its prefix.
+key found by walking an index of the keys backwards from the end of its prefix: the task table's
+unique index in an unpartitioned queue, the ``i_<queue>`` table's primary key in a partitioned one
+(whose weekly task partitions have no index on the key). On 100,000 tasks either reads one index
+entry and one task per schedule (0.1 ms).
 
 That walk needs the index to sort keys code point by code point, as the C collations do (``C``,
-``POSIX``, ``C.UTF-8``, the builtin provider): on 100,000 tasks it reads one index entry per schedule
-(0.04 ms). Under a linguistic collation (``en_US.UTF-8``, ICU) a prefix is not a range of the index
-(punctuation weighs little or nothing there), so the keys are compared under ``collate "C"`` instead,
-which reads the queue's whole task table once per schedule (about 15 ms per 100,000 tasks): correct,
-slower on a big queue. (``like 'prefix%'`` is no better: without a ``text_pattern_ops`` index it
-filters the index backwards, 25 ms.)
+``POSIX``, ``C.UTF-8``, the builtin provider). Under a linguistic collation (``en_US.UTF-8``, ICU) a
+prefix is not a range of the index (punctuation weighs little or nothing there), so the keys are
+compared under ``collate "C"`` instead, which reads all of them once per schedule (about 15 ms per
+100,000 tasks): correct, slower on a big queue. (``like 'prefix%'`` is no better: without a
+``text_pattern_ops`` index it filters the index backwards, 25 ms.)
 
 A schedule that cannot run (a bad cron, an unknown key, a task routed to another queue than the one
 it names) is a row carrying its error rather than a failed page.
@@ -29,6 +31,7 @@ from typing import Any
 from django_absurd_agents import schedules
 from django_absurd_agents.client import absurd
 from django_absurd_agents.json_text import compact_json
+from django_absurd_agents.partitions import partitioned_queues
 from django_absurd_agents.tables import first_row, list_queues, over_queues, rows, table
 
 PARAMS_SUMMARY_CHARS = 80
@@ -43,20 +46,15 @@ _COLLATION_SQL = (
     "from pg_catalog.pg_database d where d.datname = current_database()"
 )
 
-_BY_RANGE = (
-    "select p.name, t.task_id, t.state, t.enqueue_at, t.idempotency_key "
+_LATEST = (
+    "select p.name, t.task_id, t.state, t.enqueue_at, k.idempotency_key "
     "from unnest(%s::text[], %s::text[], %s::text[]) as p(name, low, high) "
-    "cross join lateral (select task_id, state, enqueue_at, idempotency_key from {t} "
-    "where idempotency_key >= p.low and idempotency_key < p.high "
-    "order by idempotency_key desc limit 1) t"
+    "cross join lateral (select idempotency_key, task_id from {keys} "
+    "where idempotency_key{c} >= p.low and idempotency_key{c} < p.high "
+    "order by idempotency_key{c} desc limit 1) k "
+    "join {tasks} t on t.task_id = k.task_id"
 )
-_BY_PREFIX = (
-    "select p.name, t.task_id, t.state, t.enqueue_at, t.idempotency_key "
-    "from unnest(%s::text[], %s::text[], %s::text[]) as p(name, low, high) "
-    "cross join lateral (select task_id, state, enqueue_at, idempotency_key from {t} "
-    'where idempotency_key collate "C" >= p.low and idempotency_key collate "C" < p.high '
-    'order by idempotency_key collate "C" desc limit 1) t'
-)
+"""Each schedule's newest key in ``keys`` (the task table, or a partitioned queue's ``i_<queue>``), then its task."""
 
 
 @dataclass(frozen=True)
@@ -144,7 +142,8 @@ def last_spawns(by_queue: dict[str, list[schedules.Schedule]]) -> dict[str, Last
     """Schedule name -> the newest task it spawned, one statement per queue."""
     if not by_queue:
         return {}
-    statement = _BY_RANGE if sorts_by_code_point() else _BY_PREFIX
+    collation = "" if sorts_by_code_point() else ' collate "C"'
+    partitioned = set(partitioned_queues())
 
     def read(present: list[str]) -> dict[str, LastSpawn]:
         found: dict[str, LastSpawn] = {}
@@ -155,7 +154,9 @@ def last_spawns(by_queue: dict[str, list[schedules.Schedule]]) -> dict[str, Last
                 [schedule.key_prefix + _FIRST_DIGIT for schedule in listed.values()],
                 [schedule.key_prefix + _AFTER_LAST_DIGIT for schedule in listed.values()],
             ]
-            for row in rows(statement.format(t=table("t", queue)), bounds):
+            keys = table("i" if queue in partitioned else "t", queue)
+            statement = _LATEST.format(keys=keys, tasks=table("t", queue), c=collation)
+            for row in rows(statement, bounds):
                 found[row["name"]] = LastSpawn(
                     task_id=row["task_id"],
                     queue=queue,

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from asgiref.sync import async_to_sync
 from django.contrib.auth.models import Permission, User
+from django.core.management import call_command
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
@@ -143,6 +144,29 @@ def test_both_statements_find_the_same_last_tasks(settings: Any, monkeypatch: py
             assert cursor.fetchone()[0] is True
     assert by_index["a"].occurrence == datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
     assert by_index["a:b"].occurrence == datetime(2026, 12, 3, 12, 2, tzinfo=UTC)
+
+
+def test_a_schedule_on_a_partitioned_queue_finds_its_last_task_through_the_key_table(settings: Any) -> None:
+    """A partitioned queue keeps its keys in ``i_<queue>`` (the task partitions have no index on them)."""
+    parted = {"name": "sched_parted", "storage": "partitioned"}
+    settings.ABSURD_AGENTS = {**settings.ABSURD_AGENTS, "QUEUES": ["agents", "other", parted]}
+    call_command("migrate", verbosity=0)
+    try:
+        use_schedules(settings, {"hourly": {"task": "digest", "cron": "0 * * * *", "queue": "sched_parted"}})
+        until = datetime(2026, 12, 3, 12, 30, tzinfo=UTC)
+        assert spawn_scheduled(until, timedelta(hours=3)) == 3
+        found = schedule_overview.last_spawns({"sched_parted": schedules.configured()})
+        assert found["hourly"].occurrence == datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "select task_id from absurd.i_sched_parted where idempotency_key = %s",
+                ["schedule:hourly:2026-12-03T12:00:00+00:00"],
+            )
+            assert found["hourly"].task_id == cursor.fetchone()[0]
+        assert "None in the queue" not in row_html(page(make_user("viewer", "view_absurdtask")), "hourly")
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("select absurd.drop_queue('sched_parted')")
 
 
 def test_the_built_in_cleanup_schedule_is_listed(settings: Any) -> None:

@@ -24,6 +24,7 @@ from cronsim import CronSim, CronSimError
 
 from django_absurd_agents import conf
 from django_absurd_agents.client import ProjectAbsurd, absurd
+from django_absurd_agents.exceptions import ScheduleError
 
 logger = logging.getLogger("django_absurd_agents.worker")
 
@@ -32,10 +33,6 @@ CLEANUP_SCHEDULE_NAME = "absurd-cleanup"
 MAX_CATCH_UP = 10
 """Missed occurrences spawned per schedule when a scheduler comes back, the latest ones."""
 _TICK_CAP = 30.0
-
-
-class ScheduleError(ValueError):
-    """A schedule in settings that cannot run; the message names it and the fix."""
 
 
 @dataclass(frozen=True)
@@ -63,8 +60,8 @@ class Schedule:
     def last_due(self, moment: datetime) -> datetime | None:
         """The latest occurrence at or before ``moment`` (the one a scheduler spawns last), in UTC.
 
-        None for an expression whose last match is further back than cronsim searches (a 29 February
-        far away, say).
+        None when there was none in the last 50 years, as far back as cronsim looks (a 29 February
+        that is also a Monday, say).
         """
         # cronsim's reverse walk yields moments strictly before its start; a microsecond later makes
         # ``moment`` itself count when it is an occurrence, as it does in ``occurrences(after, moment)``.

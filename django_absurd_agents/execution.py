@@ -29,6 +29,7 @@ from absurd_sdk import CancelledTask, ClaimedTask, FailedTask, SuspendTask
 
 from django_absurd_agents import conf, jsonsafe, sdk
 from django_absurd_agents.attempts import last_attempt_statement
+from django_absurd_agents.exceptions import SwallowedSuspension, UnknownTask, UnrecordableTaskResult
 from django_absurd_agents.reconnect import Lease, TaskConnection, is_transient
 
 if TYPE_CHECKING:
@@ -44,18 +45,6 @@ HANDBACK_CHECKPOINT = "$connection_handbacks"
 """Checkpoint counting the runs handed back because the task's own database connection failed."""
 
 _UNKNOWN_RECHECK = 15.0
-
-
-class UnknownTask(Exception):
-    """A claimed task whose name no handler is registered for in this worker."""
-
-
-class SwallowedSuspension(Exception):
-    """The handler went on after absurd-sdk suspended its task (a sleep or an event wait)."""
-
-
-class UnrecordableTaskResult(ValueError):
-    """A task returned a value that cannot be stored as JSON."""
 
 
 @dataclass

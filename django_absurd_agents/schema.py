@@ -16,6 +16,8 @@ import absurdctl
 from django.db import DatabaseError, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
+from django_absurd_agents.exceptions import QueueStorageError, SchemaVersionError
+
 EXPECTED_VERSION: str = absurdctl.ABSURD_SCHEMA_TARGET_VERSION
 """The schema version this release of the app installs and its code expects."""
 
@@ -35,10 +37,6 @@ SCHEMA_DROP_REFUSED = (
     'checkpoint and event in it. Set ABSURD_AGENTS = {"ALLOW_SCHEMA_DROP": True} in settings to allow it, then '
     "run the command again."
 )
-
-
-class SchemaVersionError(RuntimeError):
-    pass
 
 
 def installed_version(connection: BaseDatabaseWrapper) -> str | None:
@@ -171,22 +169,6 @@ def refuse_schema_drop(sender: Any, plan: Any = None, **kwargs: Any) -> None:
 def drop(connection: BaseDatabaseWrapper) -> None:
     with connection.cursor() as cursor:
         cursor.execute("drop schema if exists absurd cascade")
-
-
-class QueueStorageError(RuntimeError):
-    """A queue declared with a storage mode the database does not have it in; nothing was changed."""
-
-    def __init__(self, queue: str, declared: str, stored: str) -> None:
-        super().__init__(
-            f"Queue {queue!r} is stored {stored} in the database, but ABSURD_AGENTS['QUEUES'] declares it "
-            f"{declared}. Absurd cannot change the storage of an existing queue."
-        )
-        self.hint = (
-            f'Declare it as "storage": "{stored}" again, or give the {declared} queue a new name (e.g. '
-            f"'{queue}_{declared[:4]}'), route new tasks there (DEFAULT_QUEUE, TASK_ROUTES) and run migrate; "
-            "once the old queue's tasks are finished, remove it from QUEUES and drop it "
-            f"(select absurd.drop_queue('{queue}'))."
-        )
 
 
 def _stored_modes(cursor: Any) -> dict[str, str]:

@@ -16,11 +16,8 @@ from typing import Any
 
 from psycopg import sql
 
+from django_absurd_agents.exceptions import TaskNotFound, UnknownQueue
 from django_absurd_agents.jsonsafe import InvalidParams, name_problem
-
-
-class TaskNotFound(LookupError):
-    """No task has this id (in the given queue, or in any queue); nothing was changed."""
 
 
 def task_uuid(task_id: object) -> uuid.UUID:
@@ -80,10 +77,6 @@ def max_attempts(value: object, *, what: str = "max_attempts") -> int | None:
             f"{what} must be at least 1, not {value}: it counts the attempts, the first included.{default}"
         )
     return value
-
-
-class UnknownQueue(ValueError):
-    """A call naming a queue that does not exist in the database; nothing was written."""
 
 
 def unknown_queue(queue: str) -> UnknownQueue:

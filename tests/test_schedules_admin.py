@@ -211,3 +211,13 @@ def test_without_the_view_permission_the_page_is_403_before_any_query(settings: 
     index.force_login(viewer)
     listed = index.get(reverse("admin:index")).content.decode()
     assert reverse(PAGE) in listed and "Absurd schedules" in listed
+
+
+def test_the_admin_tabs_lead_to_the_schedules(settings: Any) -> None:
+    use_schedules(settings, {})
+    viewer = make_user("viewer", "view_absurdtask")
+    client = Client()
+    client.force_login(viewer)
+    tasks_page = client.get(reverse("admin:absurd_agents_absurdtask_changelist")).content.decode()
+    assert f'<a href="{reverse(PAGE)}">Schedules</a>' in tasks_page
+    assert '<span class="current">Schedules</span>' in page(viewer)

@@ -65,7 +65,14 @@ class AbsurdAdminBase(admin.ModelAdmin):  # type: ignore[type-arg]
             "can_cancel": user_can(request, CANCEL_PERM),
             "can_emit": user_can(request, EMIT_PERM),
             "workers_url": self._workers_url(request),
+            "schedules_url": self._schedules_url(),
         }
+
+    def _schedules_url(self) -> str | None:
+        try:
+            return reverse(f"{self.admin_site.name}:absurd_agents_absurdschedule_changelist")
+        except NoReverseMatch:  # a site that does not register the schedules' admin
+            return None
 
     def _workers_url(self, request: HttpRequest) -> str | None:
         if not user_can(request, WORKER_VIEW_PERM):

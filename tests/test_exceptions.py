@@ -26,9 +26,9 @@ def app_exceptions() -> dict[str, type[BaseException]]:
             continue
         module = importlib.import_module(module_info.name)
         for name, value in vars(module).items():
-            if inspect.isclass(value) and issubclass(value, BaseException):
-                if value.__module__.startswith("django_absurd_agents."):
-                    found[f"{value.__module__}.{name}"] = value
+            own = inspect.isclass(value) and value.__module__.startswith("django_absurd_agents.")
+            if own and issubclass(value, BaseException):
+                found[f"{value.__module__}.{name}"] = value
     return found
 
 

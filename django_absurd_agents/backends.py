@@ -39,12 +39,11 @@ from django.core import checks
 from django.db import transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
-from psycopg import sql
 
-from django_absurd_agents import conf, django_internals, sdk, validation
-from django_absurd_agents.client import absurd, django_connection, load_json
+from django_absurd_agents import conf, django_internals, sdk, tables, validation
+from django_absurd_agents.client import absurd
 from django_absurd_agents.registry import RESOLVERS, Registration
-from django_absurd_agents.tables import FINISHED_STATES
+from django_absurd_agents.tables import FINISHED_STATES, table
 from django_absurd_agents.task_context import check_context
 
 try:  # Django >= 6.0
@@ -200,7 +199,7 @@ class AbsurdTaskBackend(BaseTaskBackend):
         else:
             with transaction.atomic(using=conf.get().database_alias):
                 spawned = absurd.spawn_sync(params=params, **spawn)
-                with django_connection().cursor() as cursor:
+                with tables.connection().cursor() as cursor:
                     cursor.execute(_defer_statement(spawn["queue"]), [task.run_after, spawned["run_id"]])
         object.__setattr__(result, "id", spawned["task_id"])
         object.__setattr__(result, "enqueued_at", timezone.now())
@@ -213,14 +212,7 @@ class AbsurdTaskBackend(BaseTaskBackend):
             task_id = validation.task_uuid(result_id)
         except ValueError:
             raise TaskResultDoesNotExist(result_id) from None
-        with django_connection().cursor() as cursor:
-            cursor.execute(validation.CATALOG_SQL)
-            catalogued = {row[0] for row in cursor.fetchall()}
-            queues = [q for q in self._absurd_queues() if q in catalogued]
-            if not queues:
-                raise TaskResultDoesNotExist(result_id)
-            cursor.execute(_result_statement(queues, task_id).as_string(None))
-            row = cursor.fetchone()
+        row = tables.over_queues(self._absurd_queues(), lambda queues: _result_row(queues, task_id))
         if row is None:
             raise TaskResultDoesNotExist(result_id)
         return self._result(str(task_id), row)
@@ -230,31 +222,33 @@ class AbsurdTaskBackend(BaseTaskBackend):
             return list(dict.fromkeys(absurd_queue(q) for q in sorted(self.queues)))
         return list(conf.get().all_queues)
 
-    def _result(self, result_id: str, row: tuple[Any, ...]) -> Any:
-        queue, name, params, state, enqueued, first_started, payload, cancelled = row[:8]
-        run_started, completed, failed, worker_ids, failures = row[8:]
-        task = import_task(name)
+    def _result(self, result_id: str, row: dict[str, Any]) -> Any:
+        queue, state, run_started = row["queue"], row["state"], row["run_started"]
+        task = import_task(row["task_name"])
         if task is None:
-            raise TaskResultDoesNotExist(f"{result_id}: task {name!r} is not a django.tasks task that imports here.")
+            raise TaskResultDoesNotExist(
+                f"{result_id}: task {row['task_name']!r} is not a django.tasks task that imports here."
+            )
         if absurd_queue(task.queue_name) != queue or task.backend != self.alias:
             task = task.using(queue_name=queue, backend=self.alias)
-        params = load_json(params) or {}
+        params = row["params"] or {}
+        finished = row["completed_at"] or row["failed_at"] or row["cancelled_at"]
         result: Any = TaskResult(
             task=task,
             id=result_id,
             status=_status(state, run_started),
-            enqueued_at=enqueued,
-            started_at=first_started,
-            finished_at=(completed or failed or cancelled) if state in FINISHED_STATES else None,
+            enqueued_at=row["enqueue_at"],
+            started_at=row["first_started_at"],
+            finished_at=finished if state in FINISHED_STATES else None,
             last_attempted_at=run_started,
             args=params.get("args", []),
             kwargs=params.get("kwargs", {}),
             backend=self.alias,
-            errors=[task_error(reason) for reason in load_json(failures) or []],
-            worker_ids=list(worker_ids or []),
+            errors=[task_error(reason) for reason in row["failures"] or []],
+            worker_ids=list(row["worker_ids"] or []),
         )
         if state == "completed":
-            object.__setattr__(result, "_return_value", load_json(payload))
+            object.__setattr__(result, "_return_value", row["completed_payload"])
         return result
 
     def check(self, **kwargs: Any) -> list[Any]:
@@ -311,28 +305,27 @@ def task_error(reason: Any) -> Any:
 def _defer_statement(queue: str) -> str:
     """Make a freshly spawned (pending) run available from ``%s`` only."""
     return (
-        sql.SQL("update {runs} set available_at = greatest(available_at, %s) where run_id = %s and state = 'pending'")
-        .format(runs=sql.Identifier("absurd", f"r_{queue}"))
-        .as_string(None)
+        f"update {table('r', queue)} set available_at = greatest(available_at, %s) "
+        "where run_id = %s and state = 'pending'"
     )
 
 
-def _result_statement(queues: list[str], task_id: Any) -> sql.Composed:
-    parts = []
-    for queue in queues:
-        tasks, runs = sql.Identifier("absurd", f"t_{queue}"), sql.Identifier("absurd", f"r_{queue}")
-        parts.append(
-            sql.SQL(
-                "select {queue}::text, t.task_name, t.params, t.state, t.enqueue_at, t.first_started_at, "
-                "t.completed_payload, t.cancelled_at, r.started_at, r.completed_at, r.failed_at, "
-                "(select array_agg(x.claimed_by order by x.attempt) from {runs} x "
-                "  where x.task_id = t.task_id and x.claimed_by is not null), "
-                "(select jsonb_agg(x.failure_reason order by x.attempt) from {runs} x "
-                "  where x.task_id = t.task_id and x.failure_reason is not null) "
-                "from {tasks} t left join {runs} r on r.run_id = t.last_attempt_run where t.task_id = {task_id}"
-            ).format(queue=sql.Literal(queue), tasks=tasks, runs=runs, task_id=sql.Literal(task_id))
-        )
-    return sql.SQL(" union all ").join(parts)
+def _result_row(queues: list[str], task_id: Any) -> dict[str, Any] | None:
+    """The task with ``task_id`` in any of ``queues``, with its last run and every run's worker and failure."""
+    if not queues:
+        return None
+    statement = " union all ".join(
+        f"select %s::text as queue, t.task_name, t.params, t.state, t.enqueue_at, t.first_started_at, "
+        f"t.completed_payload, t.cancelled_at, r.started_at as run_started, r.completed_at, r.failed_at, "
+        f"(select array_agg(x.claimed_by order by x.attempt) from {table('r', queue)} x "
+        f" where x.task_id = t.task_id and x.claimed_by is not null) as worker_ids, "
+        f"(select jsonb_agg(x.failure_reason order by x.attempt) from {table('r', queue)} x "
+        f" where x.task_id = t.task_id and x.failure_reason is not null) as failures "
+        f"from {table('t', queue)} t left join {table('r', queue)} r on r.run_id = t.last_attempt_run "
+        "where t.task_id = %s"
+        for queue in queues
+    )
+    return tables.first_row(statement, [value for queue in queues for value in (queue, task_id)])
 
 
 _tasks: dict[str, Any] = {}
@@ -390,9 +383,7 @@ async def run_django_task(params: Any, ctx: AsyncTaskContext) -> Any:
     alias = str((claimed.get("headers") or {}).get(BACKEND_HEADER) or task.backend)
     queue = sdk.queue_name(ctx)
     cursor = await sdk.task_connection(ctx).execute(
-        sql.SQL(_HISTORY).format(
-            runs=sql.Identifier("absurd", f"r_{queue}"), tasks=sql.Identifier("absurd", f"t_{queue}")
-        ),
+        _HISTORY.format(runs=table("r", queue), tasks=table("t", queue)),
         (ctx.task_id,),
     )
     enqueued, first_started, worker_ids = await cursor.fetchone() or (None, None, None)

@@ -41,7 +41,7 @@ from django.db import DatabaseError, connections
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
-from django_absurd_agents import conf, jsonsafe, progress, spawning, validation
+from django_absurd_agents import conf, jsonsafe, progress, spawning, tables, validation
 from django_absurd_agents.exceptions import InvalidParams as InvalidParams  # re-exported: its old home
 from django_absurd_agents.execution import execute_claimed
 from django_absurd_agents.lease import keep_lease
@@ -299,13 +299,13 @@ class ProjectAbsurd(AsyncAbsurd):
         """``(queue, state)`` of the task, in ``queue_name`` or else in any queue; None when there is none."""
         identifier, queue = self._search(task_id, queue_name)
         with django_connection().cursor() as cursor:
-            return validation.locate_sync(cursor, identifier, queue)
+            return tables.locate_sync(cursor, identifier, queue)
 
     async def locate_task(self, task_id: TaskId, queue_name: str | None = None) -> tuple[str, str] | None:
         """Async counterpart of ``locate_task_sync``, on the client's own connection."""
         identifier, queue = self._search(task_id, queue_name)
         await self._ensure_connected()
-        return await validation.locate(self._conn, identifier, queue)
+        return await tables.locate(self._conn, identifier, queue)
 
     def _existing_sync(self, task_id: TaskId, queue_name: str | None) -> tuple[str, str]:
         located = self.locate_task_sync(task_id, queue_name)

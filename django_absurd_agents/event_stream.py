@@ -27,9 +27,9 @@ from typing import Any
 
 from psycopg import AsyncConnection, sql
 
-from django_absurd_agents import validation
-from django_absurd_agents.event_log import ATTEMPT, CHANNEL, EVENT_ADAPTER, RESULT_ADAPTER, table
-from django_absurd_agents.tables import FINISHED_STATES
+from django_absurd_agents import event_log, tables, validation
+from django_absurd_agents.event_log import ATTEMPT, CHANNEL, EVENT_ADAPTER, RESULT_ADAPTER
+from django_absurd_agents.tables import FINISHED_STATES, table
 
 logger = logging.getLogger("django_absurd_agents.event_stream")
 
@@ -95,7 +95,7 @@ def _select() -> sql.Composed:
     return sql.SQL(
         'select "offset", attempt, kind, payload, created from {} where task_id = %s and "offset" > %s '
         'order by "offset" limit %s'
-    ).format(sql.Identifier(table()))
+    ).format(sql.Identifier(event_log.table()))
 
 
 def _checked_after(after: int | str | None) -> int:
@@ -282,10 +282,10 @@ def listener() -> _Listener:
 
 
 async def _state(conn: AsyncConnection[Any], queue: str, identifier: uuid.UUID) -> tuple[str | None, Any]:
-    statement = sql.SQL(
-        "select t.state, r.failure_reason from {tasks} t left join {runs} r on r.run_id = t.last_attempt_run "
-        "where t.task_id = %s"
-    ).format(tasks=sql.Identifier("absurd", f"t_{queue}"), runs=sql.Identifier("absurd", f"r_{queue}"))
+    statement = (
+        f"select t.state, r.failure_reason from {table('t', queue)} t "
+        f"left join {table('r', queue)} r on r.run_id = t.last_attempt_run where t.task_id = %s"
+    )
     cursor = await conn.execute(statement, (identifier,))
     row = await cursor.fetchone()
     return (None, None) if row is None else (str(row[0]), row[1])
@@ -349,7 +349,7 @@ async def _superseded_below(conn: AsyncConnection[Any], identifier: uuid.UUID, a
     statement = sql.SQL(
         "select coalesce(max((payload->>'attempt')::int), 0) from {} "
         'where task_id = %s and kind = %s and "offset" <= %s'
-    ).format(sql.Identifier(table()))
+    ).format(sql.Identifier(event_log.table()))
     cursor = await conn.execute(statement, (identifier, ATTEMPT, after))
     row = await cursor.fetchone()
     return int(row[0]) if row else 0
@@ -387,28 +387,26 @@ def delete_orphaned_events(batch: int = 1000) -> int:
     """Delete the log entries of tasks no queue holds any more; returns how many were deleted.
 
     ``manage.py absurd_cleanup`` calls it after ``absurd.cleanup_all_queues()``, so a task's log goes
-    with the task. Each batch of tasks is one statement, committed on its own.
+    with the task. Each batch of tasks is one statement, committed on its own, over the queues of the
+    catalog read for it (again if a queue is dropped meanwhile). Without Absurd's schema it deletes nothing.
     """
-    from django_absurd_agents.client import django_connection
+    if not tables.schema_installed():
+        return 0
 
-    conn = django_connection()
-    deleted = 0
-    with conn.cursor() as cursor:
-        cursor.execute(validation.CATALOG_SQL)
-        queues = [str(row[0]) for row in cursor.fetchall()]
-        known = sql.SQL(" and ").join(
-            sql.SQL("not exists (select 1 from {} t where t.task_id = e.task_id)").format(
-                sql.Identifier("absurd", f"t_{queue}")
-            )
-            for queue in queues
+    def delete_batch(queues: list[str]) -> int:
+        held = " and ".join(
+            f"not exists (select 1 from {table('t', queue)} t where t.task_id = e.task_id)" for queue in queues
         )
-        gone = known if queues else sql.SQL("true")
         statement = sql.SQL(
-            "delete from {table} where task_id in (select distinct e.task_id from {table} e where {gone} limit %s)"
-        ).format(table=sql.Identifier(table()), gone=gone)
-        text = statement.as_string(None)
-        while True:
-            cursor.execute(text, [batch])
-            deleted += cursor.rowcount
-            if cursor.rowcount == 0:
-                return deleted
+            "delete from {events} where task_id in (select distinct e.task_id from {events} e where {held} limit %s)"
+        ).format(events=sql.Identifier(event_log.table()), held=sql.SQL(held or "true"))
+        with tables.connection().cursor() as cursor:
+            cursor.execute(statement.as_string(None), [batch])
+            return int(cursor.rowcount)
+
+    deleted = 0
+    while True:
+        count = tables.over_queues(None, delete_batch)
+        deleted += count
+        if count == 0:
+            return deleted

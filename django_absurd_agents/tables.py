@@ -24,6 +24,7 @@ from typing import Any
 
 from django.db import ProgrammingError, connections, transaction
 from psycopg import sql
+from psycopg.rows import dict_row
 
 from django_absurd_agents import conf, validation
 
@@ -97,12 +98,12 @@ def schema_installed() -> bool:
     return bool(rows(_INSTALLED_SQL)[0]["installed"])
 
 
-_CATALOG_SQL = (
-    "select q.queue_name, (select count(*) from pg_catalog.pg_class c "
-    "where c.relnamespace = 'absurd'::regnamespace and c.relname::text = any(array["
-    "'t_' || q.queue_name, 'r_' || q.queue_name, 'c_' || q.queue_name, 'e_' || q.queue_name, 'w_' || q.queue_name"
-    "])) = 5 as has_tables from absurd.queues q order by q.queue_name"
+CATALOG_SQL = (
+    "select q.queue_name, (select bool_and(to_regclass('absurd.' || quote_ident(prefix || '_' || q.queue_name)) "
+    "is not null) from unnest(array['t', 'r', 'c', 'e', 'w']) prefix) as has_tables "
+    "from absurd.queues q order by q.queue_name"
 )
+"""Every row of ``absurd.queues`` with ``has_tables``: whether its five tables exist (plain or partitioned)."""
 
 
 def queue_catalog() -> list[tuple[str, bool]]:
@@ -114,7 +115,7 @@ def queue_catalog() -> list[tuple[str, bool]]:
     with connection().cursor() as cursor:
         if not _fetch(cursor, _INSTALLED_SQL)[0]["installed"]:
             return []
-        return [(row["queue_name"], bool(row["has_tables"])) for row in _fetch(cursor, _CATALOG_SQL)]
+        return [(row["queue_name"], bool(row["has_tables"])) for row in _fetch(cursor, CATALOG_SQL)]
 
 
 def list_queues() -> list[str]:
@@ -155,14 +156,56 @@ def over_queues[T](queues: Sequence[str] | None, run: Callable[[list[str]], T]) 
     return retrying(with_catalog)
 
 
+def _searched(catalog: list[dict[str, Any]], queue: str | None) -> list[str]:
+    queues = [str(row["queue_name"]) for row in catalog if row["has_tables"]]
+    if queue is None:
+        return queues
+    if queue not in queues:
+        raise validation.unknown_queue(queue)
+    return [queue]
+
+
+def _locate_statement(queues: list[str], task_id: uuid.UUID) -> tuple[str, list[Any]]:
+    """One statement (and its parameters) giving the ``queue`` and ``state`` of the task in any of ``queues``."""
+    statement = " union all ".join(
+        f"select %s::text as queue, state from {table('t', q)} where task_id = %s" for q in queues
+    )
+    return f"{statement} limit 1", [value for queue in queues for value in (queue, task_id)]
+
+
+def locate_sync(cursor: Any, task_id: uuid.UUID, queue: str | None) -> tuple[str, str] | None:
+    """``(queue, state)`` of the task in ``queue`` (None: any queue), read with ``cursor`` (Django's).
+
+    Task ids are unique across queues (Absurd makes UUIDv7s), so without ``queue`` the id is looked
+    up in every catalogued queue. ``UnknownQueue`` for a ``queue`` the catalog does not have.
+    """
+    queues = _searched(_fetch(cursor, CATALOG_SQL), queue)
+    if not queues:
+        return None
+    found = _fetch(cursor, *_locate_statement(queues, task_id))
+    return (found[0]["queue"], found[0]["state"]) if found else None
+
+
+async def locate(conn: Any, task_id: uuid.UUID, queue: str | None) -> tuple[str, str] | None:
+    """Async counterpart of :func:`locate_sync`, on a psycopg ``AsyncConnection``."""
+    async with conn.cursor(row_factory=dict_row) as cursor:
+        await cursor.execute(CATALOG_SQL)
+        queues = _searched(await cursor.fetchall(), queue)
+        if not queues:
+            return None
+        await cursor.execute(*_locate_statement(queues, task_id))
+        found = await cursor.fetchone()
+    return None if found is None else (found["queue"], found["state"])
+
+
 def locate_task(task_id: uuid.UUID, queue: str | None = None) -> tuple[str, str] | None:
     """``(queue, state)`` of the task, in ``queue`` or else in any queue; None when there is none.
 
-    The statement is the client's own (``validation.locate_sync``), retried when a queue is dropped.
+    The statement is the client's own (:func:`locate_sync`), retried when a queue is dropped.
     """
 
     def locate() -> tuple[str, str] | None:
         with connection().cursor() as cursor:
-            return validation.locate_sync(cursor, task_id, queue)
+            return locate_sync(cursor, task_id, queue)
 
     return retrying(locate)

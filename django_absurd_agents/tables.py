@@ -142,16 +142,21 @@ def retrying[T](run: Callable[[], T]) -> T:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def over_queues[T](queues: Sequence[str] | None, run: Callable[[list[str]], T]) -> T:
+def over_queues[T](
+    queues: Sequence[str] | None, run: Callable[[list[str]], T], *, present: Sequence[str] | None = None
+) -> T:
     """``run(queues)`` (SQL over those queues' tables), surviving a queue dropped meanwhile.
 
-    ``queues=None`` means every queue; otherwise the queues asked for that exist. A retry intersects
-    them with a fresh catalog.
+    ``queues=None`` means every queue; otherwise the queues asked for that exist. ``present`` is the
+    catalog's queues with tables (:func:`list_queues`) when the caller has read it already, as a page
+    does once for everything it shows. A retry intersects with a fresh catalog.
     """
+    known = None if present is None else list(present)
 
     def with_catalog() -> T:
-        present = list_queues()
-        return run(present if queues is None else [queue for queue in queues if queue in present])
+        nonlocal known
+        current, known = (list_queues() if known is None else known), None
+        return run(current if queues is None else [queue for queue in queues if queue in current])
 
     return retrying(with_catalog)
 

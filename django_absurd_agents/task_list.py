@@ -164,11 +164,13 @@ def task_page(
     before: uuid.UUID | None = None,
     per_page: int = 50,
     with_total: bool = True,
+    present: Sequence[str] | None = None,
 ) -> TaskPage:
     """One page of tasks across queues, newest first.
 
     ``after`` is the last id of the page before (gives the next page), ``before`` the first id of
-    the page after (gives the previous page).
+    the page after (gives the previous page). ``present``: the catalog's queues, when already read
+    (``tables.over_queues``).
     """
 
     def run(queues: list[str]) -> TaskPage:
@@ -197,7 +199,7 @@ def task_page(
             _fill_total(page, filters, queues)
         return page
 
-    return over_queues(filters.queues or None, run)
+    return over_queues(filters.queues or None, run, present=present)
 
 
 def _estimated_rows(queues: Iterable[str], prefix: str = "t") -> dict[str, float]:
@@ -250,11 +252,14 @@ def _fill_total(page: TaskPage, filters: TaskFilters, queues: list[str]) -> None
         page.total = count
 
 
-def task_names(queues: Sequence[str] | None = None, *, known: Iterable[str] = ()) -> list[str]:
+def task_names(
+    queues: Sequence[str] | None = None, *, known: Iterable[str] = (), present: Sequence[str] | None = None
+) -> list[str]:
     """Task names worth offering as filter choices, without scanning large tables.
 
     Small queues are read exactly; large ones contribute the most common names from the planner's
-    statistics. ``known`` adds names the process knows from its registry and routes.
+    statistics. ``known`` adds names the process knows from its registry and routes; ``present``
+    is the catalog's queues, when already read (``tables.over_queues``).
     """
 
     def run(chosen: list[str]) -> list[str]:
@@ -279,7 +284,7 @@ def task_names(queues: Sequence[str] | None = None, *, known: Iterable[str] = ()
                 names.update(row["names"] or [])
         return sorted(names)
 
-    return over_queues(queues, run)
+    return over_queues(queues, run, present=present)
 
 
 def tasks_by_id(selected: Iterable[tuple[str, uuid.UUID]]) -> list[TaskRow]:

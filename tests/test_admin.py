@@ -19,7 +19,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from django_absurd_agents import absurd, steps, tables, task_list, task_records
-from django_absurd_agents.admin import AbsurdTaskAdmin
+from django_absurd_agents.admin import AbsurdTaskAdmin, task_admin
 from django_absurd_agents.json_text import pretty_json
 from django_absurd_agents.models import AbsurdTask
 from django_absurd_agents.templatetags.absurd_admin import absurd_duration as format_duration
@@ -396,18 +396,37 @@ def test_queue_dropped_between_catalog_read_and_table_read(
     viewer: User, pending_task: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A stale queue list (the queue was dropped right after it was read) is retried, not shown as an error."""
-    real = tables.list_queues
+    real = tables.queue_catalog
     calls = {"n": 0}
 
-    def stale_then_fresh() -> list[str]:
+    def stale_then_fresh() -> list[tuple[str, bool]]:
         calls["n"] += 1
-        return [*real(), "dropped_meanwhile"] if calls["n"] == 1 else real()
+        return [*real(), ("dropped_meanwhile", True)] if calls["n"] == 1 else real()
 
-    monkeypatch.setattr(tables, "list_queues", stale_then_fresh)
+    monkeypatch.setattr(tables, "queue_catalog", stale_then_fresh)
+    monkeypatch.setattr(task_admin, "queue_catalog", stale_then_fresh)  # the page reads it once, by this name
     response = client_for(viewer).get(url("changelist"))
     assert response.status_code == 200
     assert pending_task in response.content.decode()
     assert calls["n"] >= 2
+
+
+def catalog_reads(queries: list[dict[str, Any]]) -> int:
+    return sum(tables.CATALOG_SQL in query["sql"] for query in queries)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("query", [{}, {"queue": "agents", "task_name": "analyse"}, {"queue": "no_such_queue"}])
+def test_the_task_list_reads_the_queue_catalog_once_per_page(
+    viewer: User, pending_task: str, query: dict[str, str]
+) -> None:
+    """The page, its total, its filter choices and its warnings share one reading of absurd.queues."""
+    client = client_for(viewer)
+    with CaptureQueriesContext(connection) as captured:
+        response = client.get(url("changelist"), query)
+    assert response.status_code == 200
+    assert (pending_task in response.content.decode()) is (query.get("queue") != "no_such_queue")
+    assert catalog_reads(captured.captured_queries) == 1
 
 
 @pytest.mark.django_db

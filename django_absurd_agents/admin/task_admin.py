@@ -98,7 +98,7 @@ class AbsurdTaskAdmin(AbsurdTaskBulkActions):
 
     def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
         require(request, VIEW_PERM)
-        catalog = queue_catalog()
+        catalog = queue_catalog()  # read once: the page, the filters and the warnings all use it
         warn_about_queues_without_tables(request, catalog)
         queues = [name for name, has_tables in catalog if has_tables]
         query = list_query(request)
@@ -107,7 +107,9 @@ class AbsurdTaskAdmin(AbsurdTaskBulkActions):
         if query.unmatchable:  # PostgreSQL would refuse the text; no task could match it anyway
             page = TaskPage(rows=[], has_next=False, has_previous=False, total=0, queues=queues)
         else:
-            page = task_page(query.filters, after=query.after, before=query.before, per_page=self.list_per_page)
+            page = task_page(
+                query.filters, after=query.after, before=query.before, per_page=self.list_per_page, present=queues
+            )
         missing_queue = query.queue if query.queue is not None and query.queue not in queues else None
         context = {
             **self.page_context(request, "Absurd tasks"),
@@ -130,7 +132,7 @@ class AbsurdTaskAdmin(AbsurdTaskBulkActions):
         self, request: HttpRequest, query: ListQuery, queues: list[str], missing_queue: str | None
     ) -> dict[str, Any]:
         known = [*sdk.registry(absurd), *conf.get().task_routes]
-        names = task_names([query.queue] if query.queue and not missing_queue else None, known=known)
+        names = task_names([query.queue] if query.queue and not missing_queue else None, known=known, present=queues)
         task_name = query.filters.task_name
         if task_name and task_name not in names:
             names.append(task_name)

@@ -296,3 +296,83 @@ def test_the_urls_load_without_ag_ui_protocol() -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "/agents/conversations/01900000-0000-7000-8000-0000000000aa/agui"
+
+
+def _part(kind: str, text: str) -> dict[str, Any]:
+    return {"index": 0, "part": {"content": text, "part_kind": "text"}, "event_kind": kind}
+
+
+def _delta(text: str) -> dict[str, Any]:
+    return {"index": 0, "delta": {"content_delta": text, "part_delta_kind": "text"}, "event_kind": "part_delta"}
+
+
+async def _log(task_id: str, rows: list[tuple[int, str, dict[str, Any]]]) -> list[int]:
+    """Writes the rows (attempt, kind, payload) to the task's log; returns their offsets."""
+    offsets = []
+    for attempt, kind, payload in rows:
+        offsets.append(
+            (await AgentEvent.objects.acreate(task_id=task_id, attempt=attempt, kind=kind, payload=payload)).offset
+        )
+    return offsets
+
+
+async def _encoded(task_id: str) -> list[dict[str, Any]]:
+    from django_absurd_agents.agui_events import TurnEventStream
+    from django_absurd_agents.turn_stream import native_events
+
+    encoder = TurnEventStream(None)
+    return parse_events(
+        "".join([encoder.encode_event(e) async for e in encoder.transform_stream(native_events(task_id, None, None))])
+    )
+
+
+async def test_a_late_event_of_a_superseded_attempt_is_left_out_and_a_cancelled_turn_ends_in_run_error(
+    project_absurd: Any,
+) -> None:
+    task_id = (await project_absurd.spawn("event_story", {}))["task_id"]
+    [once, _] = await _log(
+        task_id, [(1, "part_start", _part("part_start", "Once")), (1, "part_delta", _delta(" upon"))]
+    )
+    await _log(
+        task_id,
+        [
+            (2, "attempt", {"attempt": 2, "discard_after": once - 1}),
+            (2, "part_start", _part("part_start", "Twice")),
+            (1, "part_delta", _delta(" zombie")),  # attempt 1's worker had not noticed it lost its lease
+            (2, "part_delta", _delta(" more")),
+            (2, "part_end", _part("part_end", "Twice more")),
+        ],
+    )
+    await project_absurd.cancel_task(task_id)
+
+    events = await _encoded(task_id)
+    [marker] = [e for e in events if e["type"] == "CUSTOM"]
+    void = set(marker["value"]["voidMessageIds"])
+    assert marker["value"]["attempt"] == 2 and marker["value"]["discardAfter"] == once - 1
+    assert text_of(events) == "Once uponTwice more" and text_of(events, void) == "Twice more"
+    assert events[-1]["type"] == "RUN_ERROR" and "cancelled" in events[-1]["message"]
+    assert "RUN_FINISHED" not in [e["type"] for e in events]
+
+
+async def test_a_worker_lost_between_steps_voids_nothing(project_absurd: Any) -> None:
+    task_id = (await project_absurd.spawn("event_story", {}))["task_id"]
+    offsets = await _log(
+        task_id, [(1, "part_start", _part("part_start", "Chapter")), (1, "part_end", _part("part_end", "Chapter"))]
+    )
+    await _log(
+        task_id,
+        [
+            (2, "attempt", {"attempt": 2, "discard_after": offsets[-1]}),  # the step completed: nothing to void
+            (2, "part_start", _part("part_start", " one")),
+            (2, "part_end", _part("part_end", " one")),
+        ],
+    )
+    await project_absurd.cancel_task(task_id)
+
+    events = await _encoded(task_id)
+    [marker] = [e for e in events if e["type"] == "CUSTOM"]
+    assert marker["value"]["voidMessageIds"] == []
+    assert text_of(events) == "Chapter one"
+    at = events.index(marker)
+    assert events[at - 1]["type"] == "TEXT_MESSAGE_END"  # the completed part's own end, nothing synthesised
+    assert [e["type"] for e in events].count("TEXT_MESSAGE_END") == 2

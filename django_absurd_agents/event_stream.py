@@ -20,12 +20,13 @@ import functools
 import logging
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from psycopg import AsyncConnection, sql
+from psycopg.rows import dict_row
 
 from django_absurd_agents import event_log, tables, validation
 from django_absurd_agents.event_log import ATTEMPT, CHANNEL, EVENT_ADAPTER, RESULT_ADAPTER
@@ -84,9 +85,21 @@ def assemble(entries: Iterable[LoggedEvent]) -> list[LoggedEvent]:
     return kept
 
 
-def _entry(row: Any) -> LoggedEvent:
-    offset, attempt, kind, payload, created = row
-    return LoggedEvent(offset=int(offset), attempt=int(attempt), kind=str(kind), data=payload, created=created)
+def _entry(row: dict[str, Any]) -> LoggedEvent:
+    return LoggedEvent(
+        offset=int(row["offset"]),
+        attempt=int(row["attempt"]),
+        kind=str(row["kind"]),
+        data=row["payload"],
+        created=row["created"],
+    )
+
+
+async def _fetch(conn: AsyncConnection[Any], statement: Any, params: Sequence[Any]) -> list[dict[str, Any]]:
+    """Every row of ``statement`` on ``conn`` (the client's own connection), as a dict by column name."""
+    async with conn.cursor(row_factory=dict_row) as cursor:
+        await cursor.execute(statement, params)
+        return await cursor.fetchall()
 
 
 @functools.cache
@@ -122,7 +135,7 @@ def events_sync(task_id: Any, after: int | str | None = None) -> list[LoggedEven
 
     For scripts and tests; reads on Django's connection. ``TaskNotFound`` when no queue has the task.
     """
-    from django_absurd_agents.client import absurd, django_connection, load_json
+    from django_absurd_agents.client import absurd
 
     identifier = validation.task_uuid(task_id)
     position = _checked_after(after)
@@ -130,14 +143,12 @@ def events_sync(task_id: Any, after: int | str | None = None) -> list[LoggedEven
     if located is None:
         raise validation.not_found(task_id, None)
     entries: list[LoggedEvent] = []
-    with django_connection().cursor() as cursor:
-        while True:
-            cursor.execute(_select().as_string(None), [identifier, position, PAGE])
-            page = [_entry((o, a, k, load_json(p), c)) for o, a, k, p, c in cursor.fetchall()]
-            entries.extend(page)
-            if len(page) < PAGE:
-                break
-            position = page[-1].offset
+    while True:
+        page = [_entry(row) for row in tables.rows(_select().as_string(None), [identifier, position, PAGE])]
+        entries.extend(page)
+        if len(page) < PAGE:
+            break
+        position = page[-1].offset
     if located[1] in FINISHED_STATES:
         snapshot = absurd.fetch_task_result_sync(identifier, queue_name=located[0])
         last = entries[-1].offset if entries else position
@@ -163,8 +174,7 @@ class _Feed:
         self.lock = asyncio.Lock()
 
     async def _fetch(self, conn: AsyncConnection[Any], after: int, limit: int = PAGE) -> list[LoggedEvent]:
-        cursor = await conn.execute(_select(), (self.identifier, after, limit))
-        return [_entry(row) for row in await cursor.fetchall()]
+        return [_entry(row) for row in await _fetch(conn, _select(), (self.identifier, after, limit))]
 
     async def after(self, conn: AsyncConnection[Any], position: int, *, fresh: bool = False) -> list[LoggedEvent]:
         """Up to ``PAGE`` entries after ``position``; ``fresh`` reads the database even without a notification."""
@@ -286,23 +296,34 @@ async def _state(conn: AsyncConnection[Any], queue: str, identifier: uuid.UUID) 
         f"select t.state, r.failure_reason from {table('t', queue)} t "
         f"left join {table('r', queue)} r on r.run_id = t.last_attempt_run where t.task_id = %s"
     )
-    cursor = await conn.execute(statement, (identifier,))
-    row = await cursor.fetchone()
-    return (None, None) if row is None else (str(row[0]), row[1])
+    found = await _fetch(conn, statement, (identifier,))
+    return (None, None) if not found else (str(found[0]["state"]), found[0]["failure_reason"])
+
+
+async def _queue_of(task_id: Any, identifier: uuid.UUID) -> str:
+    """The queue of the task, or ``TaskNotFound``."""
+    from django_absurd_agents.client import absurd
+
+    located = await absurd.locate_task(identifier)
+    if located is None:
+        raise validation.not_found(task_id, None)
+    return located[0]
 
 
 async def follow(
-    task_id: Any, after: int | str | None = None, *, keepalive: float | None = None
+    task_id: Any, after: int | str | None = None, *, keepalive: float | None = None, queue: str | None = None
 ) -> AsyncIterator[LoggedEvent | None]:
-    """``stream_events``, also yielding None after ``keepalive`` idle seconds (the SSE view's comments)."""
+    """``stream_events``, also yielding None after ``keepalive`` idle seconds (the SSE view's comments).
+
+    ``queue`` is the task's queue when the caller has located the task already (the SSE view does,
+    to answer 404 before streaming); otherwise the task is located here.
+    """
     from django_absurd_agents.client import absurd
 
     identifier = validation.task_uuid(task_id)
     position = _checked_after(after)
-    located = await absurd.locate_task(identifier)
-    if located is None:
-        raise validation.not_found(task_id, None)
-    queue = located[0]
+    if queue is None:
+        queue = await _queue_of(task_id, identifier)
     loop = asyncio.get_running_loop()
     async with listener().subscription(identifier) as (wake, feed):
         conn = await absurd.live_connection()
@@ -347,12 +368,11 @@ async def _superseded_below(conn: AsyncConnection[Any], identifier: uuid.UUID, a
     if not after:
         return 0
     statement = sql.SQL(
-        "select coalesce(max((payload->>'attempt')::int), 0) from {} "
+        "select coalesce(max((payload->>'attempt')::int), 0) as attempt from {} "
         'where task_id = %s and kind = %s and "offset" <= %s'
     ).format(sql.Identifier(event_log.table()))
-    cursor = await conn.execute(statement, (identifier, ATTEMPT, after))
-    row = await cursor.fetchone()
-    return int(row[0]) if row else 0
+    found = await _fetch(conn, statement, (identifier, ATTEMPT, after))
+    return int(found[0]["attempt"]) if found else 0
 
 
 async def stream_events(task_id: Any, after: int | str | None = None) -> AsyncIterator[LoggedEvent]:

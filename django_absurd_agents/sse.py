@@ -45,9 +45,12 @@ def resume_offset(request: HttpRequest) -> int | HttpResponse | None:
     return int(raw)
 
 
-async def sse_lines(task_id: str, after: int | None, keepalive: float = KEEPALIVE_SECONDS) -> AsyncIterator[str]:
+async def sse_lines(
+    task_id: str, after: int | None, keepalive: float = KEEPALIVE_SECONDS, *, queue: str | None = None
+) -> AsyncIterator[str]:
+    """The stream's lines; ``queue``: the task's, when the view has located it (``event_stream.follow``)."""
     yield f"retry: {RETRY_MILLISECONDS}\n\n"
-    async for entry in follow(task_id, after, keepalive=keepalive):
+    async for entry in follow(task_id, after, keepalive=keepalive, queue=queue):
         yield ": keep-alive\n\n" if entry is None else encode(entry)
 
 
@@ -78,4 +81,5 @@ async def task_events_response(request: HttpRequest, task_id: str) -> HttpRespon
             await absurd.close()
     if located is None:
         return HttpResponse("No such task.", status=404, content_type="text/plain")
-    return streaming(request, lambda: sse_lines(task_id, after), "text/event-stream")
+    queue = located[0]  # located once: the stream reads the task's state in this queue
+    return streaming(request, lambda: sse_lines(task_id, after, queue=queue), "text/event-stream")

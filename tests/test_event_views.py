@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.contrib.auth.models import Permission, User
 from django.db import connection
 from django.test import AsyncClient, Client
 from django.test.utils import CaptureQueriesContext
 
-from django_absurd_agents import absurd
+from django_absurd_agents import absurd, tables
 from django_absurd_agents.event_stream import assemble, events_sync
 from django_absurd_agents.models import AgentEvent, Conversation, Turn
 from django_absurd_agents.sse import sse_lines
@@ -123,6 +125,35 @@ def test_a_stranger_gets_403_before_the_task_or_its_log_is_read(answered: Turn, 
         assert response.status_code == 403
         read = [q["sql"] for q in queries]
         assert not [sql for sql in read if AgentEvent._meta.db_table in sql or '"absurd".' in sql or "absurd." in sql]
+
+
+def test_one_request_locates_the_task_once_under_wsgi_and_asgi(
+    answered: Turn, people: dict[str, User], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The view locates the task (for its 404) and hands the queue to the stream, which does not look again."""
+    real = tables.locate
+    located: list[uuid.UUID] = []
+
+    async def counted(conn: Any, task_id: uuid.UUID, queue: str | None) -> tuple[str, str] | None:
+        located.append(task_id)
+        return await real(conn, task_id, queue)
+
+    monkeypatch.setattr(tables, "locate", counted)
+    response = client_for(people["owner"]).get(events_url(answered.task_id))
+    assert parse_sse(sync_body(response))[-1]["event"] == "end"
+    assert located == [uuid.UUID(str(answered.task_id))]
+
+    async def over_asgi() -> str:
+        client = AsyncClient()
+        await client.aforce_login(people["owner"])
+        try:
+            return await async_body(await client.get(events_url(answered.task_id)))
+        finally:
+            await absurd.close()
+
+    located.clear()
+    assert parse_sse(async_to_sync(over_asgi)())[-1]["event"] == "end"
+    assert located == [uuid.UUID(str(answered.task_id))]
 
 
 def test_an_unknown_task_is_404_for_someone_who_may_view_tasks(people: dict[str, User]) -> None:

@@ -71,7 +71,8 @@ class Entry(models.Model):
         return f"Entry {self.pk}"
 
 
-def _alias() -> str:
+def database_alias() -> str:
+    """The conversations' database: Absurd's (``ABSURD_AGENTS['DATABASE']``), so a turn commits with its task."""
     return conf.get().database_alias
 
 
@@ -100,7 +101,7 @@ def entry_chain(head_id: Any, *, limit: int | None = None, using: str | None = N
     """
     if head_id is None or limit == 0:
         return []
-    using = using or _alias()
+    using = using or database_alias()
     with connections[using].cursor() as cursor:
         cursor.execute(_CHAIN_SQL.format(entry=table(Entry, using)), {"head": str(head_id), "limit": limit})
         rows = [StoredEntry(*row) for row in cursor.fetchall()]
@@ -124,7 +125,7 @@ def _corruption(entries: Sequence[StoredEntry], exc: ValidationError) -> str:
     bad = [entry for entry in entries if not _loads(entry.message_json)] or list(entries)
     turn_model = Entry._meta.get_field("turn").related_model
     turns = sorted(
-        turn_model._default_manager.using(_alias())  # type: ignore[union-attr]
+        turn_model._default_manager.using(database_alias())  # type: ignore[union-attr]
         .filter(pk__in={entry.turn_id for entry in bad if entry.turn_id})
         .values_list("sequence", flat=True)
     )

@@ -36,11 +36,11 @@ from pydantic import TypeAdapter
 from pydantic_ai.messages import ModelMessage
 from pydantic_ai.tools import DeferredToolRequests, DeferredToolResults
 
-from django_absurd_agents import conf
 from django_absurd_agents.client import absurd
 from django_absurd_agents.conversation_entries import (
     Entry,
     chain_order,
+    database_alias,
     decode_messages,
     entry_chain,
     sweep_entries,
@@ -60,10 +60,6 @@ STORE_FIELDS = frozenset(
     {"key", "revision", "head", "usage", "deferred_tool_requests", "branches", "forked_from", "forked_at"}
 )
 """Fields only the store writes, guarded by the revision; ``Conversation.save()`` leaves them alone."""
-
-
-def _alias() -> str:
-    return conf.get().database_alias
 
 
 def new_revision() -> str:
@@ -166,7 +162,7 @@ class Conversation(models.Model):
         tool calls the conversation waits on (see ``pending_tool_requests()``); the prompt may then be empty.
         """
         results = _checked_send(self, prompt, deferred_tool_results)
-        alias = _alias()
+        alias = database_alias()
         with transaction.atomic(using=alias):
             locked = Conversation.objects.using(alias).select_for_update().only("pk").get(pk=self.pk)
             last = Turn.objects.using(alias).filter(conversation=locked).aggregate(last=Max("sequence"))["last"]
@@ -194,7 +190,7 @@ class Conversation(models.Model):
 
     def messages(self) -> list[ModelMessage]:
         """The stored history as Pydantic AI messages, oldest first: what the next turn continues."""
-        alias = _alias()
+        alias = database_alias()
         head = Conversation.objects.using(alias).filter(pk=self.pk).values_list("head_id", flat=True).first()
         return decode_messages(entry_chain(head, using=alias))
 
@@ -291,7 +287,11 @@ class Turn(models.Model):
 
     def model_messages(self) -> list[ModelMessage]:
         """The messages this turn stored, as Pydantic AI objects (empty until it completes)."""
-        rows = Entry.objects.using(_alias()).filter(turn=self).values_list("id", "parent_id", "kind", "message", "turn")
+        rows = (
+            Entry.objects.using(database_alias())
+            .filter(turn=self)
+            .values_list("id", "parent_id", "kind", "message", "turn")
+        )
         return decode_messages(chain_order(list(rows)))
 
     def wait(self, timeout: float = 60.0) -> Turn:
@@ -301,7 +301,7 @@ class Turn(models.Model):
         """
         deadline = time.monotonic() + timeout
         for delay in _poll_delays():
-            self.refresh_from_db(using=_alias())
+            self.refresh_from_db(using=database_alias())
             if self.is_terminal or self.reconcile():
                 return self
             remaining = deadline - time.monotonic()
@@ -314,7 +314,7 @@ class Turn(models.Model):
         """``wait()`` for async code."""
         deadline = time.monotonic() + timeout
         for delay in _poll_delays():
-            await self.arefresh_from_db(using=_alias())
+            await self.arefresh_from_db(using=database_alias())
             if self.is_terminal or await sync_to_async(self.reconcile)():
                 return self
             remaining = deadline - time.monotonic()
@@ -334,7 +334,7 @@ class Turn(models.Model):
 
         It runs on the conversation as stored when it runs, so its answer joins the end of the log.
         """
-        alias = _alias()
+        alias = database_alias()
         with transaction.atomic(using=alias):
             locked = Turn.objects.using(alias).select_for_update().get(pk=self.pk)
             if locked.state not in (Turn.State.FAILED, Turn.State.CANCELLED):
@@ -363,7 +363,7 @@ class Turn(models.Model):
 
     def cancel(self) -> Turn:
         """Cancel a pending or running turn; the turns queued behind it go on without it."""
-        alias = _alias()
+        alias = database_alias()
         with transaction.atomic(using=alias):
             locked = Turn.objects.using(alias).select_for_update().get(pk=self.pk)
             if locked.is_terminal:
@@ -389,7 +389,7 @@ class Turn(models.Model):
             state, error = Turn.State.CANCELLED, "Its Absurd task was cancelled."
         elif snapshot.state == "completed":
             # The task stores the answer before it completes; a completed task without one skipped the turn.
-            self.refresh_from_db(using=_alias())
+            self.refresh_from_db(using=database_alias())
             if self.is_terminal:
                 return True
             state, error = Turn.State.FAILED, "Its Absurd task completed without storing the answer."
@@ -398,14 +398,14 @@ class Turn(models.Model):
         if self.finish(state, error):
             self.release(state)
         else:
-            self.refresh_from_db(using=_alias())
+            self.refresh_from_db(using=database_alias())
         return self.is_terminal
 
     def finish(self, state: str, error: str) -> bool:
         """Record an end on this turn while it is unfinished and still has this task; whether it was recorded."""
         now = timezone.now()
         changed = (
-            Turn.objects.using(_alias())
+            Turn.objects.using(database_alias())
             .filter(pk=self.pk, task_id=self.task_id, state__in=UNFINISHED)
             .update(state=state, error=error, finished_at=now, updated_at=now)
         )
@@ -453,7 +453,7 @@ def _abandon_deleted_turn(sender: type[Turn], instance: Turn, **kwargs: Any) -> 
     if instance.is_terminal:
         return
     try:
-        with transaction.atomic(using=_alias()):
+        with transaction.atomic(using=database_alias()):
             instance.cancel_absurd_task()
             instance.release(Turn.State.CANCELLED)
     except DatabaseError:

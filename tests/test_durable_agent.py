@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from django.db import connection
 
+import tests.agents  # noqa: F401  (registers the tasks this file spawns: analyse, ...)
+
 
 def checkpoint_names(task_id: str, queue: str = "agents") -> list[str]:
     with connection.cursor() as cursor:

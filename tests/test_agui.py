@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -264,16 +264,29 @@ def test_the_last_user_message_may_be_made_of_text_parts(people: dict[str, User]
     assert Turn.objects.get(conversation=conversation).prompt == "Tell me a story."
 
 
+@pytest.fixture
+def ag_ui_missing(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This process as if ag-ui-protocol were not installed; every module as it was afterwards."""
+    import pydantic_ai.ui.ag_ui  # noqa: F401  (imported now, so that it is put back as it was)
+
+    blocked = ("ag_ui", "ag_ui.")
+    using_it = ("pydantic_ai.ui.ag_ui", "django_absurd_agents.agui_")
+    before = set(sys.modules)
+    for name in ["ag_ui", *[name for name in before if name.startswith(blocked)]]:
+        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: the import fails, as when not installed
+    for name in [name for name in before if name.startswith(using_it)]:
+        monkeypatch.delitem(sys.modules, name)
+    yield
+    for name in set(sys.modules) - before:  # what a failed import left half-made
+        if name.startswith(using_it):
+            del sys.modules[name]
+
+
 def test_without_ag_ui_protocol_the_endpoint_is_a_501_naming_the_extra(
     people: dict[str, User],  # noqa: F811
-    monkeypatch: pytest.MonkeyPatch,
+    ag_ui_missing: None,
 ) -> None:
     conversation = Conversation.objects.create(agent="narrator", owner=people["owner"])
-    for name in [name for name in sys.modules if name == "ag_ui" or name.startswith("ag_ui.")]:
-        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: the import fails, as when not installed
-    using_it = ("pydantic_ai.ui.ag_ui", "django_absurd_agents.agui_")
-    for name in [name for name in sys.modules if name.startswith(using_it)]:
-        monkeypatch.delitem(sys.modules, name)
     client = client_for(people["owner"])
     for response in (
         client.post(agui_url(conversation), run_input(("user", "hi")), content_type="application/json"),

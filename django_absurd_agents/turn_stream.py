@@ -25,7 +25,7 @@ from django.http.response import HttpResponseBase
 from pydantic_ai.messages import CustomEvent, PartDeltaEvent, PartEndEvent, PartStartEvent
 from pydantic_ai.ui import UIEventStream
 
-from django_absurd_agents import conf
+from django_absurd_agents.conversation_entries import database_alias
 from django_absurd_agents.event_access import may_read_events
 from django_absurd_agents.event_log import ATTEMPT
 from django_absurd_agents.event_stream import END, follow
@@ -46,10 +46,6 @@ class AttemptStarted(CustomEvent, name="absurd-attempt"):
         return {"attempt": self.attempt, "discardAfter": self.discard_after}
 
 
-def alias() -> str:
-    return conf.get().database_alias
-
-
 async def own_conversation(request: HttpRequest, conversation_id: uuid.UUID) -> Any:
     """The conversation if the request's user is its active owner, else None."""
     from django_absurd_agents.models import Conversation
@@ -57,7 +53,7 @@ async def own_conversation(request: HttpRequest, conversation_id: uuid.UUID) -> 
     user = await request.auser()
     if not user.is_authenticated or not user.is_active:
         return None
-    return await Conversation.objects.using(alias()).filter(pk=conversation_id, owner=user).afirst()
+    return await Conversation.objects.using(database_alias()).filter(pk=conversation_id, owner=user).afirst()
 
 
 def forbidden() -> HttpResponse:
@@ -85,7 +81,7 @@ async def requested_turn(request: HttpRequest, conversation_id: uuid.UUID) -> An
         turn_id = uuid.UUID(raw_turn) if raw_turn else None
     except ValueError:
         return JsonResponse({"error": "?turn= takes a turn id."}, status=400)
-    turns = Turn.objects.using(alias()).filter(conversation_id=conversation_id)
+    turns = Turn.objects.using(database_alias()).filter(conversation_id=conversation_id)
     if turn_id is not None:
         turn = await turns.filter(pk=turn_id).afirst()
         if turn is None:
@@ -183,7 +179,7 @@ async def native_events(task_id: str, after: int | None, turn: Any) -> AsyncIter
 async def _stored_answer(turn: Any) -> AsyncIterator[Any]:
     from pydantic_ai.messages import TextPart
 
-    await turn.arefresh_from_db(using=alias())
+    await turn.arefresh_from_db(using=database_alias())
     output = turn.output
     text = output if isinstance(output, str) else json.dumps(output)
     part = TextPart(content=text)

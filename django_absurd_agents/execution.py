@@ -101,7 +101,7 @@ async def execute_claimed(
     try:
         with sdk.current_context(ctx):
             result = await client.wrap_task_execution(ctx, execute)
-            await sdk.complete_run(conn, queue, task["run_id"], _encoded_result(task, result))
+            await _complete(conn, queue, task, _encoded_result(task, result))
     except SuspendTask:
         return Ended("suspended")
     except CancelledTask:
@@ -113,20 +113,25 @@ async def execute_claimed(
     return Ended("completed")
 
 
-def _encoded_result(task: ClaimedTask, result: Any) -> Any:
-    """The task's result as the JSON data Absurd stores (pydantic models and messages included).
+def _encoded_result(task: ClaimedTask, result: Any) -> str:
+    """The task's result as the JSON text Absurd stores (pydantic models and messages included).
 
-    absurd-sdk writes a result with plain ``json.dumps``, so it gets the JSON form of the value
-    (``result.all_messages()`` becomes the list ``all_messages_json()`` holds), refused with the
-    task's name when Postgres could not store it.
+    ``result.all_messages()`` becomes the list ``all_messages_json()`` holds; a value Postgres could
+    not store is refused with the task's name.
     """
     try:
-        text = jsonsafe.encode(result, what=f"The result of task {task['task_name']!r}")
+        return jsonsafe.encode(result, what=f"The result of task {task['task_name']!r}")
     except ValueError as exc:
         raise UnrecordableTaskResult(
             f"{exc} Return JSON data from the task (no NaN or Infinity, no NUL characters)."
         ) from exc
-    return json.loads(text)
+
+
+async def _complete(conn: TaskConnection, queue: str, task: ClaimedTask, encoded: str) -> None:
+    """absurd-sdk's completion statement with the result encoded once (``sdk.complete_run`` would ``json.dumps`` it
+    again, so the text would have to be decoded first), Absurd's errors mapped to ``CancelledTask``/``FailedTask``."""
+    with sdk.task_state_errors():
+        await conn.execute("select absurd.complete_run(%s, %s, %s)", (queue, task["run_id"], encoded))
 
 
 async def _after_error(conn: TaskConnection, queue: str, task: ClaimedTask, exc: Exception) -> Ended:

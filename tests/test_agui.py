@@ -32,7 +32,7 @@ from django_absurd_agents import absurd
 from django_absurd_agents.models import AgentEvent, Conversation, Turn
 from tests import event_tasks
 from tests.test_event_log import gates, start_worker, worker_env  # noqa: F401
-from tests.test_event_views import client_for, people  # noqa: F401
+from tests.test_event_views import answered, client_for, people, sync_body  # noqa: F401
 from tests.test_worker import WorkerProcess
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -212,6 +212,25 @@ async def test_a_stranger_gets_403_and_nothing_is_created_or_read(people: dict[s
     anonymous = AsyncClient()
     assert (await anonymous.post(url, run_input(("user", "hi")), content_type="application/json")).status_code == 403
     assert not await Turn.objects.filter(conversation=conversation).aexists()
+
+
+def test_a_turn_is_followed_under_the_event_logs_rule_and_under_wsgi_too(
+    answered: Turn,  # noqa: F811
+    people: dict[str, User],  # noqa: F811
+    settings: Any,
+) -> None:
+    url = f"/agents/conversations/{answered.conversation_id}/agui?turn={answered.pk}"
+    for who in ("owner", "viewer"):  # the sync client serves the view as runserver does
+        response = client_for(people[who]).get(url)
+        assert response.status_code == 200, who
+        events = parse_events(sync_body(response))
+        assert events[0]["threadId"] == str(answered.conversation_id) and events[0]["runId"] == str(answered.pk)
+        assert text_of(events) == answered.output and events[-1]["type"] == "RUN_FINISHED"
+    assert client_for(people["stranger"]).get(url).status_code == 403
+    assert client_for(people["viewer"]).get(f"{url[: url.index('?')]}?turn={uuid.uuid4()}").status_code == 403
+    assert client_for(people["owner"]).get(f"{url[: url.index('?')]}?turn={uuid.uuid4()}").status_code == 404
+    settings.ABSURD_AGENTS = {**settings.ABSURD_AGENTS, "EVENTS_ACCESS": lambda request, task_id: False}
+    assert client_for(people["owner"]).get(url).status_code == 403  # the project's rule says no, even to the owner
 
 
 def test_a_stranger_is_refused_before_the_event_log_or_absurd_is_queried(people: dict[str, User]) -> None:  # noqa: F811

@@ -128,8 +128,8 @@ def _encoded_result(task: ClaimedTask, result: Any) -> str:
 
 
 async def _complete(conn: TaskConnection, queue: str, task: ClaimedTask, encoded: str) -> None:
-    """absurd-sdk's completion statement with the result encoded once (``sdk.complete_run`` would ``json.dumps`` it
-    again, so the text would have to be decoded first), Absurd's errors mapped to ``CancelledTask``/``FailedTask``."""
+    """Absurd's completion with the result encoded once (absurd-sdk's own ``json.dumps`` it again, so the text
+    would have to be decoded first), Absurd's errors mapped to ``CancelledTask``/``FailedTask`` as the SDK does."""
     with sdk.task_state_errors():
         await conn.execute("select absurd.complete_run(%s, %s, %s)", (queue, task["run_id"], encoded))
 

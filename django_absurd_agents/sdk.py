@@ -38,11 +38,6 @@ def current_context(ctx: AsyncTaskContext) -> Iterator[None]:
         absurd_sdk._current_task_context.reset(token)
 
 
-async def complete_run(conn: Any, queue: str, run_id: Any, result: Any) -> None:
-    """Private: the SDK's own completion statement, which maps Absurd's errors to ``CancelledTask``/``FailedTask``."""
-    await absurd_sdk._complete_task_run_async(conn, queue, run_id, result)
-
-
 async def fail_run(conn: Any, queue: str, run_id: Any, error: BaseException) -> None:
     """Private: the SDK's own failure statement, which stores the error the way Absurd's tools show it."""
     await absurd_sdk._fail_task_run_async(conn, queue, run_id, error)

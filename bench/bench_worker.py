@@ -4,6 +4,13 @@ Run: ``python bench/bench_worker.py [--rounds 3] [--trivial 2000] [--agents 400]
 with ``DATABASE_URL`` (default ``postgresql://postgres@127.0.0.1:5433/bench_worker``; the database is
 created and migrated if needed; its ``bench`` queue is emptied before every measurement).
 
+``--baseline TREE`` (a checkout of an older commit, e.g. ``git worktree add /tmp/old 817e238``)
+measures instead the agent runs of ``absurd_worker`` from TREE against ``absurd_worker`` from this
+checkout, rounds alternating: the same handlers (this file's), the same seeded latencies, each side
+on a database its own migrations created (TREE's is ``DATABASE_URL``'s name + ``_baseline``,
+dropped and migrated again by TREE's code at every start). The worker's CPU per run is the
+question: issue 16 asked for it halved.
+
 Both sides run in a worker process of their own, with the same project client (``absurd``), the
 same handlers and the same lease keeping; only the scheduling loop differs:
 
@@ -43,7 +50,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# A worker of the --baseline tree imports django_absurd_agents from that tree, ahead of the venv's install.
+sys.path.insert(0, os.environ.get("BENCH_TREE", str(ROOT)))
 
 QUEUE = "bench"
 LATENCY_SEED = 16
@@ -113,7 +121,10 @@ def serve(kind: str, concurrency: int, poll: float, ready: str) -> None:
     url = os.environ["DATABASE_URL"]
     setup_django(url)
     register_tasks()
+    import django_absurd_agents
     from django_absurd_agents import absurd
+
+    Path(ready).with_name("origin").write_text(str(django_absurd_agents.__file__))
 
     if kind == "absurd_worker":
         from django.core.management import call_command
@@ -147,10 +158,10 @@ def serve(kind: str, concurrency: int, poll: float, ready: str) -> None:
 
 
 class Contender:
-    def __init__(self, kind: str, url: str, concurrency: int, poll: float) -> None:
+    def __init__(self, kind: str, url: str, concurrency: int, poll: float, tree: Path = ROOT) -> None:
         self.kind = kind
         self.ready = Path(tempfile.mkdtemp(prefix="bench-worker-")) / "ready"
-        env = {**os.environ, "DATABASE_URL": url}
+        env = {**os.environ, "DATABASE_URL": url, "BENCH_TREE": str(tree)}
         self.process = subprocess.Popen(
             [sys.executable, __file__, "serve", kind, str(concurrency), str(poll), str(self.ready)],
             env=env,
@@ -162,6 +173,10 @@ class Contender:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{kind} worker did not start (exit {self.process.poll()})")
             time.sleep(0.05)
+        self.origin = Path(self.ready.with_name("origin").read_text())
+        if not self.origin.is_relative_to(tree):
+            self.stop()
+            raise RuntimeError(f"{kind} worker imported {self.origin}, not the tree {tree}")
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -212,7 +227,7 @@ def measure_batch(conn: Any, contender: Contender, task_name: str, count: int, t
 
     ``overall`` is count / (last completion - commit); ``steady`` counts the completions between the
     10th and the 90th percentile, leaving out the ramp-up and the tail of the last slow runs;
-    ``cpu_ms`` is the worker process's CPU time per task.
+    ``cpu_ms`` is the worker process's CPU time per task; ``wall_s`` the commit-to-last-completion time.
     """
     options = json.dumps({"max_attempts": 1})
     cpu_before = contender.cpu_seconds()
@@ -242,6 +257,7 @@ def measure_batch(conn: Any, contender: Contender, task_name: str, count: int, t
         "overall": count / (ends[-1] - committed).total_seconds(),
         "steady": (high - low) / (ends[high] - ends[low]).total_seconds(),
         "cpu_ms": cpu / count * 1000,
+        "wall_s": (ends[-1] - committed).total_seconds(),
     }
 
 
@@ -278,6 +294,72 @@ def empty_poll_ms(url: str, polls: int = 300) -> float:
     return asyncio.run(run())
 
 
+def migrate_baseline(url: str, tree: Path) -> str:
+    """Drop and recreate ``url``'s database + ``_baseline``, migrated by ``tree``'s code in a child process."""
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    name = f"{conninfo_to_dict(url)['dbname']}_baseline"
+    with psycopg.connect(make_conninfo(url, dbname="postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
+    baseline_url = make_conninfo(url, dbname=name)
+    env = {**os.environ, "DATABASE_URL": baseline_url, "BENCH_TREE": str(tree)}
+    origin = subprocess.run(
+        [sys.executable, __file__, "migrate"], env=env, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    if not Path(origin).is_relative_to(tree):
+        raise RuntimeError(f"the baseline's migrations ran from {origin}, not the tree {tree}")
+    return baseline_url
+
+
+def commit_of(tree: Path) -> str:
+    return subprocess.run(
+        ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def compare_baseline(url: str, tree: Path, rounds: int, count: int, concurrency: int) -> None:
+    """``absurd_worker`` from ``tree`` against this checkout's: agent runs, rounds alternating the sides."""
+    import psycopg
+
+    sides = {
+        f"{commit_of(tree)} (baseline)": (tree, migrate_baseline(url, tree)),
+        f"{commit_of(ROOT)} (this checkout)": (ROOT, url),
+    }
+    results: dict[str, list[dict[str, float]]] = {label: [] for label in sides}
+    loads = [os.getloadavg()[0]]
+    for round_ in range(rounds):
+        for label in list(sides) if round_ % 2 == 0 else reversed(list(sides)):
+            side_tree, side_url = sides[label]
+            with psycopg.connect(side_url, autocommit=True) as conn:
+                empty_queue(conn)
+                contender = Contender("absurd_worker", side_url, concurrency, 0.1, side_tree)
+                try:
+                    figures = measure_batch(conn, contender, "bench_agent", count, timeout=600)
+                finally:
+                    contender.stop()
+            results[label].append(figures)
+            loads.append(os.getloadavg()[0])
+            print(f"  {label} ({contender.origin.parent}): " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items()))
+
+    print()
+    print(
+        f"absurd_worker, {count} one-step agent runs at concurrency {concurrency}, model 200-1000 ms; "
+        f"{rounds} rounds, medians; {os.cpu_count()} CPUs, load average {min(loads):.1f} to {max(loads):.1f}"
+    )
+    print(f"{'':<28} {'CPU ms/run':>10} {'runs/s':>7} {'wall s':>7}   CPU ms/run per round")
+    medians = {}
+    for label, values in results.items():
+        medians[label] = statistics.median(value["cpu_ms"] for value in values)
+        rate = statistics.median(value["overall"] for value in values)
+        wall = statistics.median(value["wall_s"] for value in values)
+        rounds_cpu = ", ".join(f"{value['cpu_ms']:.2f}" for value in values)
+        print(f"{label:<28} {medians[label]:10.2f} {rate:7.1f} {wall:7.2f}   {rounds_cpu}")
+    before, after = medians.values()
+    print(f"worker CPU per run: {after / before:.2f}x the baseline's (halved: {after <= before / 2})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -288,9 +370,13 @@ def main() -> None:
     parser.add_argument("--idle-seconds", type=float, default=20.0)
     parser.add_argument("--sleepy", type=int, default=1000, help="checkpointed 200-1000 ms sleeps per measurement")
     parser.add_argument("--skip", nargs="*", default=[], choices=["trivial", "agents", "sleepy", "idle"])
+    parser.add_argument("--baseline", type=Path, help="an older checkout: its absurd_worker's agent runs against ours")
     args = parser.parse_args()
     url = os.environ.get("DATABASE_URL", DEFAULT_URL)
     prepare_database(url)
+    if args.baseline:
+        compare_baseline(url, args.baseline.resolve(), args.rounds, args.agents, args.agent_concurrency)
+        return
     import psycopg
 
     conn = psycopg.connect(url, autocommit=True)
@@ -390,5 +476,10 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "serve":
         serve(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5])
+    elif len(sys.argv) > 1 and sys.argv[1] == "migrate":
+        prepare_database(os.environ["DATABASE_URL"])
+        import django_absurd_agents
+
+        print(django_absurd_agents.__file__)
     else:
         main()

@@ -138,7 +138,7 @@ def test_wheel_and_sdist_install_and_run_in_a_clean_venv(tmp_path: Path, databas
         entry_points = next(archive.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "django_absurd_agents/py.typed" in names and "django_absurd_agents/migrations/0001_absurd_schema.py" in names
     assert any(n.startswith("django_absurd_agents/templates/") for n in names)
-    for extra in ("embedded", "openai", "anthropic", "google", "groq", "mistral", "bedrock"):
+    for extra in ("embedded", "openai", "anthropic", "google", "groq", "mistral", "bedrock", "ag-ui"):
         assert f"Provides-Extra: {extra}" in metadata
     assert "django_absurd_agents = django_absurd_agents.pytest_plugin" in entry_points
 

@@ -26,30 +26,25 @@ def task_uuid(task_id: object) -> uuid.UUID:
     raise InvalidParams(f"{task_id!r} is not a task id: task ids are UUIDs such as '0190c3e2-7a1b-7c3d-...'.")
 
 
-def task_name(name: object) -> str:
-    problem = name_problem(name, "The task name")
+def _name(value: object, what: str) -> str:
+    """``value`` if it can be a name (a non-blank string Postgres can store), else ``InvalidParams`` saying why."""
+    problem = name_problem(value, what)
     if problem is not None:
         raise InvalidParams(problem)
-    assert isinstance(name, str)
-    return name
+    assert isinstance(value, str)
+    return value
+
+
+def task_name(name: object) -> str:
+    return _name(name, "The task name")
 
 
 def event_name(name: object) -> str:
-    problem = name_problem(name, "The event name")
-    if problem is not None:
-        raise InvalidParams(problem)
-    assert isinstance(name, str)
-    return name
+    return _name(name, "The event name")
 
 
 def idempotency_key(key: object) -> str | None:
-    if key is None:
-        return None
-    problem = name_problem(key, "The idempotency key")
-    if problem is not None:
-        raise InvalidParams(problem)
-    assert isinstance(key, str)
-    return key
+    return None if key is None else _name(key, "The idempotency key")
 
 
 def max_attempts(value: object, *, what: str = "max_attempts") -> int | None:

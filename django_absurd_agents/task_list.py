@@ -139,6 +139,17 @@ _LIST_COLUMNS = (
 )
 
 
+def _list_branch(queue: str, clauses: str) -> str:
+    """One queue's part of a list statement: its tasks with their last run, then ``clauses`` (where, order, limit).
+
+    Its first parameter is the queue's name.
+    """
+    return (
+        f"(select %s::text as queue, {_LIST_COLUMNS} from {table('t', queue)} t "
+        f"left join {table('r', queue)} r on r.run_id = t.last_attempt_run{clauses})"
+    )
+
+
 def _page_rows(
     queues: list[str], clauses: list[str], where_params: list[Any], direction: str, limit: int
 ) -> list[dict[str, Any]]:
@@ -147,11 +158,7 @@ def _page_rows(
     branches: list[str] = []
     params: list[Any] = []
     for queue in queues:
-        branches.append(
-            f"(select %s::text as queue, {_LIST_COLUMNS} from {table('t', queue)} t "
-            f"left join {table('r', queue)} r on r.run_id = t.last_attempt_run{where} "
-            f"order by t.task_id {direction} limit %s)"
-        )
+        branches.append(_list_branch(queue, f"{where} order by t.task_id {direction} limit %s"))
         params.extend([queue, *where_params, limit])
     params.append(limit)
     return rows(f"select * from ({' union all '.join(branches)}) listed order by task_id {direction} limit %s", params)
@@ -303,10 +310,7 @@ def tasks_by_id(selected: Iterable[tuple[str, uuid.UUID]]) -> list[TaskRow]:
         branches: list[str] = []
         params: list[Any] = []
         for queue in queues:
-            branches.append(
-                f"(select %s::text as queue, {_LIST_COLUMNS} from {table('t', queue)} t "
-                f"left join {table('r', queue)} r on r.run_id = t.last_attempt_run where t.task_id = any(%s::uuid[]))"
-            )
+            branches.append(_list_branch(queue, " where t.task_id = any(%s::uuid[])"))
             params.extend([queue, by_queue[queue]])
         found = rows(f"select * from ({' union all '.join(branches)}) picked order by task_id desc", params)
         return [TaskRow.from_row(row) for row in found]

@@ -257,10 +257,11 @@ REVIEWED_SPLICES = {
     "w",
     "e",
     # task_list.py: clauses made of fixed SQL with %s placeholders, joined; "asc" or "desc"; a fixed
-    # column list; union branches built the same way.
+    # column list; union branches built the same way; a list branch's clauses, fixed SQL made of those.
     "where",
     "direction",
     "_LIST_COLUMNS",
+    "clauses",
     "' union all '.join(branches)",
 }
 

@@ -1,4 +1,4 @@
-"""Absurd's tables, read: the one helper that names them, rows by column name, the queue catalog.
+"""Absurd's tables, read: the one helper that names them, rows by column name, the queue catalog, a task by id.
 
 There is no Django model per queue: every queue ``q`` has its own tables (``absurd.t_q`` tasks,
 ``r_q`` runs, ``c_q`` checkpoints, ``e_q`` events, ``w_q`` waits), and queues come and go while the

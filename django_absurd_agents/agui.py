@@ -34,6 +34,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, JsonR
 from django.http.response import HttpResponseBase
 from pydantic import ValidationError
 
+from django_absurd_agents.exceptions import AbsurdAgentsError
 from django_absurd_agents.turn_stream import requested_turn, send_turn, stream_turn
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 MISSING = 'AG-UI needs the ag-ui-protocol package: pip install "django-absurd-agents[ag-ui]"\n'
 
 
-class NotATurn(ValueError):
+class NotATurn(AbsurdAgentsError, ValueError):
     """A valid ``RunAgentInput`` that does not end with a user's message with text."""
 
 

@@ -26,13 +26,8 @@ URL_PREFIX = "absurd_agents_absurdtask"
 links in alerts and the admin log depend on them."""
 
 
-class AbsurdAdminBase(admin.ModelAdmin):  # type: ignore[type-arg]
-    """A read-only admin of something that is not a table: nothing to add, change or delete."""
-
-    list_per_page = 50
-
-    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return user_can(request, VIEW_PERM)
+class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """An admin whose rows are written by the app, never by hand: nothing to add, change or delete."""
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -42,6 +37,15 @@ class AbsurdAdminBase(admin.ModelAdmin):  # type: ignore[type-arg]
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+class AbsurdAdminBase(ReadOnlyAdmin):
+    """A read-only admin of something that is not a table, seen with the task view permission."""
+
+    list_per_page = 50
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return user_can(request, VIEW_PERM)
 
     def page_url(self, name: str, **kwargs: Any) -> str:
         """The URL of the task admin's page ``name`` (``changelist``, ``overview``, ``emit``, ...)."""

@@ -11,13 +11,13 @@ from the admin.
 from __future__ import annotations
 
 import datetime
-from typing import Any
 
 from django.contrib import admin
 from django.http import HttpRequest
 from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 
+from django_absurd_agents.admin.base import ReadOnlyAdmin
 from django_absurd_agents.admin.permissions import WORKER_VIEW_PERM, user_can
 from django_absurd_agents.templatetags.absurd_admin import absurd_duration
 from django_absurd_agents.worker_record import Worker
@@ -46,7 +46,7 @@ DETAIL_FIELDS: tuple[str, ...] = (
 )
 
 
-class WorkerAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class WorkerAdmin(ReadOnlyAdmin):
     """Workers, alive or not: read-only, under the model's view permission."""
 
     list_display = [
@@ -69,15 +69,6 @@ class WorkerAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     fields = readonly_fields = DETAIL_FIELDS
     change_list_template = "admin/absurd_agents/worker_change_list.html"
     """Django's list, its rows re-read every few seconds in place (``static/absurd_agents/admin_live.js``)."""
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     @admin.display(description="queues")
     def queue_names(self, worker: Worker) -> str:

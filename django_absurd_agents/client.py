@@ -37,18 +37,18 @@ from absurd_sdk import (
     TaskResultSnapshot,
 )
 from asgiref.sync import async_to_sync
-from django.db import DatabaseError, connections
+from django.db import DatabaseError
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
 from django_absurd_agents import conf, jsonsafe, progress, spawning, tables, validation
 from django_absurd_agents.exceptions import InvalidParams as InvalidParams  # re-exported: its old home
+from django_absurd_agents.exceptions import TaskNotFound as TaskNotFound  # re-exported: its old home
+from django_absurd_agents.exceptions import UnknownQueue as UnknownQueue  # re-exported: its old home
 from django_absurd_agents.execution import execute_claimed
 from django_absurd_agents.lease import keep_lease
 from django_absurd_agents.registry import TaskRegistry
 from django_absurd_agents.task_context import check_context
-from django_absurd_agents.validation import TaskNotFound as TaskNotFound  # re-exported
-from django_absurd_agents.validation import UnknownQueue as UnknownQueue  # re-exported: its old home
 
 if TYPE_CHECKING:
     from django_absurd_agents.event_stream import LoggedEvent
@@ -276,7 +276,7 @@ class ProjectAbsurd(AsyncAbsurd):
 
             changed = async_to_sync(hook)()
         args = self._prepare(task_name, params, **{**dict.fromkeys(options), **changed})
-        with django_connection().cursor() as cursor:
+        with tables.connection().cursor() as cursor:
             try:
                 cursor.execute(spawning.SPAWN_SQL, (args[0], *args))
             except DatabaseError as exc:
@@ -298,7 +298,7 @@ class ProjectAbsurd(AsyncAbsurd):
     def locate_task_sync(self, task_id: TaskId, queue_name: str | None = None) -> tuple[str, str] | None:
         """``(queue, state)`` of the task, in ``queue_name`` or else in any queue; None when there is none."""
         identifier, queue = self._search(task_id, queue_name)
-        with django_connection().cursor() as cursor:
+        with tables.connection().cursor() as cursor:
             return tables.locate_sync(cursor, identifier, queue)
 
     async def locate_task(self, task_id: TaskId, queue_name: str | None = None) -> tuple[str, str] | None:
@@ -333,14 +333,14 @@ class ProjectAbsurd(AsyncAbsurd):
         located = self.locate_task_sync(task_id, queue_name)
         if located is None:
             return None
-        with django_connection().cursor() as cursor:
+        with tables.connection().cursor() as cursor:
             cursor.execute(_RESULT_SQL, [located[0], str(validation.task_uuid(task_id))])
             row = _named(cursor)
         if row is None:
             return None
         # Django's cursor leaves jsonb as text.
         return TaskResultSnapshot(
-            state=row["state"], result=load_json(row["result"]), failure=load_json(row["failure_reason"])
+            state=row["state"], result=tables.load_json(row["result"]), failure=tables.load_json(row["failure_reason"])
         )
 
     async def await_task_result(  # type: ignore[override]
@@ -365,7 +365,7 @@ class ProjectAbsurd(AsyncAbsurd):
 
     def emit_event_sync(self, event_name: str, payload: Any = None, queue_name: str | None = None) -> None:
         args = self._event_args(event_name, payload, queue_name)
-        with django_connection().cursor() as cursor:
+        with tables.connection().cursor() as cursor:
             cursor.execute("select absurd.emit_event(%s, %s, %s::jsonb)", list(args))
 
     async def cancel_task(self, task_id: TaskId, queue_name: str | None = None) -> None:  # type: ignore[override]
@@ -376,7 +376,7 @@ class ProjectAbsurd(AsyncAbsurd):
     def cancel_task_sync(self, task_id: TaskId, queue_name: str | None = None) -> None:
         """Cancel the task on Django's connection; ``TaskNotFound`` (nothing run) when no task has this id."""
         queue, _ = self._existing_sync(task_id, queue_name)
-        with django_connection().cursor() as cursor:
+        with tables.connection().cursor() as cursor:
             cursor.execute("select absurd.cancel_task(%s, %s)", [queue, str(validation.task_uuid(task_id))])
 
     async def retry_task(  # type: ignore[override]
@@ -410,7 +410,7 @@ class ProjectAbsurd(AsyncAbsurd):
         if spawn_new:
             options["spawn_new"] = True
         queue, _ = self._existing_sync(task_id, queue_name)
-        with django_connection().cursor() as cursor:
+        with tables.connection().cursor() as cursor:
             cursor.execute(
                 "select task_id, run_id, attempt, created from absurd.retry_task(%s, %s, %s::jsonb)",
                 [queue, str(validation.task_uuid(task_id)), json.dumps(options)],
@@ -490,22 +490,13 @@ def encode_json(value: Any, *, what: str = "Task params", limit: int | None = No
     return jsonsafe.encode(value, what=what, limit=limit)
 
 
-def load_json(value: Any) -> Any:
-    """A jsonb value read through Django's cursor, which returns it as text."""
-    return json.loads(value) if isinstance(value, str) else value
-
-
-def django_connection() -> Any:
-    return connections[conf.get().database_alias]
-
-
 def connection_params() -> dict[str, Any]:
     """libpq parameters of the configured Django database, for the client's own connections.
 
     ``prepare_threshold`` is kept as Django sets it (``None`` unless ``OPTIONS`` says otherwise): no
     prepared statements, so the client works behind PgBouncer in transaction pooling like Django does.
     """
-    params = dict(django_connection().get_connection_params())
+    params = dict(tables.connection().get_connection_params())
     for key in ("cursor_factory", "context", "server_side_binding", "pool"):
         params.pop(key, None)
     return params

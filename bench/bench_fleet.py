@@ -30,9 +30,7 @@ import argparse
 import json
 import os
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -47,20 +45,13 @@ ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
 from benchdb import database_url  # noqa: E402
+from benchworkers import WorkerProcesses, cpu_seconds  # noqa: E402
 
 QUEUE = "fleet"
 DATABASE = "absurd_agents_bench_fleet"
 SETTINGS = "fleet_settings"
 PREFIXES = ("t", "r", "c", "e", "w")
-TICK = os.sysconf("SC_CLK_TCK")
 _SAMPLED = ("server", "database", "lock_waits", "claiming", "running")
-
-
-def proc_cpu(pid: int, *, children: bool = False) -> float:
-    """CPU seconds of ``pid`` (utime + stime), and of its exited children when asked."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
-    return ticks / TICK
 
 
 def waiting_for_cpu(pids: list[int], *, main_only: bool = False) -> float:
@@ -99,51 +90,19 @@ def server_cpu(postmaster: int | None) -> float | None:
     """PostgreSQL's CPU so far: the postmaster, its live children, and the children it has reaped."""
     if postmaster is None:
         return None
-    total = proc_cpu(postmaster, children=True)
+    total = cpu_seconds(postmaster, children=True)
     for pid in server_pids(postmaster)[1:]:
         try:
-            total += proc_cpu(pid)
+            total += cpu_seconds(pid)
         except OSError:
             continue  # exited meanwhile: its time is now in the postmaster's children's
     return total
 
 
-class Workers:
-    """``count`` worker processes on the fleet queue, each with ``concurrency`` slots."""
-
-    def __init__(self, count: int, concurrency: int, base: Path) -> None:
-        self.processes: list[subprocess.Popen[bytes]] = []
-        beats = [base / f"worker-{i}.beat" for i in range(count)]
-        path = os.pathsep.join(filter(None, [str(ROOT), str(HERE), os.environ.get("PYTHONPATH")]))
-        env = {**os.environ, "PYTHONPATH": path, "DJANGO_SETTINGS_MODULE": SETTINGS}
-        for beat in beats:
-            command = [sys.executable, "-m", "django", "absurd_worker", "--queue", QUEUE]
-            command += ["--concurrency", str(concurrency), "--heartbeat-file", str(beat), "-v", "0"]
-            self.processes.append(subprocess.Popen(command, cwd=ROOT, env=env))
-        deadline = time.monotonic() + 120
-        while not all(beat.exists() for beat in beats):
-            if any(p.poll() is not None for p in self.processes) or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("a worker did not start")
-            time.sleep(0.1)
-
-    def cpu_seconds(self) -> float:
-        return sum(proc_cpu(process.pid) for process in self.processes)
-
-    @property
-    def pids(self) -> list[int]:
-        return [process.pid for process in self.processes]
-
-    def stop(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+def start_workers(count: int, concurrency: int, base: Path) -> WorkerProcesses:
+    path = os.pathsep.join(filter(None, [str(ROOT), str(HERE), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "DJANGO_SETTINGS_MODULE": SETTINGS}
+    return WorkerProcesses(count, QUEUE, concurrency, base, cwd=ROOT, env=env, start_timeout=120, stop_timeout=60)
 
 
 @dataclass
@@ -371,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     base = Path(tempfile.mkdtemp(prefix="absurd-fleet-"))
-    workers = Workers(args.workers, args.concurrency, base)
+    workers = start_workers(args.workers, args.concurrency, base)
     sampler = Sampler(url)
     try:
         time.sleep(2.0)  # imports settled, every worker idle and polling

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchworkers import WorkerProcesses  # noqa: E402  (this script's folder is first on sys.path)
 
 QUEUE = "agents"
 TASK = "load_agent"
@@ -112,60 +112,10 @@ def print_stats(title: str, stats: dict[str, dict[str, Any]]) -> None:
         print(f"  {name:<10} {row['rows']:>8} {row['size_kb']:>8}kB {row['live']:>12} {row['dead']:>12}")
 
 
-class Workers:
-    def __init__(self, count: int, concurrency: int, base: Path) -> None:
-        self.processes: list[subprocess.Popen[bytes]] = []
-        self.beats = [base / f"worker-{i}.beat" for i in range(count)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        for beat in self.beats:
-            self.processes.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "django",
-                        "absurd_worker",
-                        "--queue",
-                        QUEUE,
-                        "--concurrency",
-                        str(concurrency),
-                        "--poll-interval",
-                        "0.1",
-                        "--claim-timeout",
-                        "60",
-                        "--heartbeat-file",
-                        str(beat),
-                        "-v",
-                        "0",
-                    ],
-                    cwd=ROOT,
-                    env=env,
-                )
-            )
-        deadline = time.monotonic() + 60
-        while not all(beat.exists() for beat in self.beats):
-            if any(p.poll() is not None for p in self.processes) or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("a worker did not start")
-            time.sleep(0.05)
-
-    def cpu_seconds(self) -> float:
-        total = 0.0
-        for process in self.processes:
-            fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return total
-
-    def stop(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+def start_workers(count: int, concurrency: int, base: Path) -> WorkerProcesses:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    options = ("--poll-interval", "0.1", "--claim-timeout", "60")
+    return WorkerProcesses(count, QUEUE, concurrency, base, cwd=ROOT, env=env, options=options)
 
 
 def drain_round(tasks: int, first: int, timeout: float, label: str) -> dict[str, Any]:
@@ -237,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="absurd-load-"))
     base.chmod(0o755)  # the embedded server runs as an unprivileged user when we are root
     server = None
-    workers: Workers | None = None
+    workers: WorkerProcesses | None = None
     report: dict[str, Any] = {"workers": args.workers, "concurrency": args.concurrency}
     began = time.monotonic()
     try:
@@ -247,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"PostgreSQL {version} ({where}); {args.workers} workers x {args.concurrency} slots")
         report["postgres"] = f"{version} ({where})"
         empty_queue()
-        workers = Workers(args.workers, args.concurrency, base)
+        workers = start_workers(args.workers, args.concurrency, base)
         cpu_before = workers.cpu_seconds()
         report["first_round"] = drain_round(args.tasks, 0, args.timeout, "Round 1")
         report["first_round"]["worker_cpu_s"] = round(workers.cpu_seconds() - cpu_before, 1)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ from django_absurd_agents.models import Conversation, Turn
 from tests import event_tasks
 from tests.test_admin_browser import DevToolsPipe
 from tests.test_event_log import gates, worker_env  # noqa: F401
-from tests.test_live_browser import browser, free_port  # noqa: F401
+from tests.test_live_browser import browser, serve_asgi  # noqa: F401
 from tests.test_worker import WorkerProcess, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -76,30 +74,9 @@ def site_env(worker_env: dict[str, str], tmp_path: Path) -> dict[str, str]:  # n
 
 @pytest.fixture
 def site(site_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    log_path = tmp_path / "uvicorn.log"
-    with log_path.open("wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "django.core.asgi:get_asgi_application", "--factory",
-             "--host", "127.0.0.1", "--port", str(port), "--timeout-graceful-shutdown", "1"],
-            cwd=ROOT, env=site_env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-        def up() -> bool:
-            if server.poll() is not None:
-                raise AssertionError(f"uvicorn exited:\n{log_path.read_text()}")
-            return b"Uvicorn running" in log_path.read_bytes()
-
-        try:
-            wait_until(up, "uvicorn to listen", 60)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(20)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+    app = ["django.core.asgi:get_asgi_application", "--factory"]
+    with serve_asgi(app, site_env, tmp_path / "uvicorn.log") as base:
+        yield base
 
 
 def page_state(browser: DevToolsPipe) -> dict[str, str]:  # noqa: F811

@@ -12,6 +12,7 @@ Without Chromium the test fails rather than skips (see ``test_admin_browser.py``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -62,38 +63,37 @@ def site_env(worker_env: dict[str, str], clean_queues: None, tmp_path: Path) -> 
     return env
 
 
+@contextlib.contextmanager
+def serve_asgi(app: list[str], env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """uvicorn serving ``app`` (its import string and options) on a free loopback port, until the block ends."""
+    port = free_port()
+    with log_path.open("wb") as log:
+        command = [sys.executable, "-m", "uvicorn", *app, "--host", "127.0.0.1", "--port", str(port),
+                   "--timeout-graceful-shutdown", "1"]  # fmt: skip
+        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+        def up() -> bool:
+            if server.poll() is not None:
+                raise AssertionError(f"uvicorn exited:\n{log_path.read_text()}")
+            with socket.socket() as sock:
+                return sock.connect_ex(("127.0.0.1", port)) == 0
+
+        try:
+            wait_until(up, "uvicorn to listen", 60)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
 @pytest.fixture
 def site(site_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    log = (tmp_path / "uvicorn.log").open("wb")
-    command = [sys.executable, "-m", "uvicorn", "example_project.asgi:application", "--host", "127.0.0.1",
-               "--port", str(port), "--timeout-graceful-shutdown", "1"]  # fmt: skip
-    server = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env=site_env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if server.poll() is not None:
-            raise AssertionError(f"uvicorn exited:\n{(tmp_path / 'uvicorn.log').read_text()}")
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", port)) == 0
-
-    try:
-        wait_until(up, "uvicorn to listen", 60)
+    with serve_asgi(["example_project.asgi:application"], site_env, tmp_path / "uvicorn.log") as base:
         yield base
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
 
 
 @pytest.fixture

@@ -107,5 +107,7 @@ async def get(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponseB
     turn = await requested_turn(request, conversation_id)
     if isinstance(turn, HttpResponseBase):
         return turn
-    encoder = TurnEventStream(None, thread_id=str(conversation_id), run_id=str(turn.pk))
+    encoder = TurnEventStream(
+        None, accept=request.headers.get("Accept"), thread_id=str(conversation_id), run_id=str(turn.pk)
+    )
     return stream_turn(request, turn, encoder, None)

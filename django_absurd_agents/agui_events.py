@@ -13,6 +13,7 @@ Imported only once ``ag-ui-protocol`` is known to be installed (``agui.py`` chec
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +49,7 @@ class TurnEventStream(AGUIEventStream[Any, Any]):
         self._messages_by_event.clear()
         self.new_message_id()  # the new attempt's response must not extend a voided message
         value = {"attempt": event.attempt, "discardAfter": event.discard_after, "voidMessageIds": void_ids}
-        return AGUICustomEvent(name=event.name, value=value, timestamp=self._get_timestamp())
+        return AGUICustomEvent(name=event.name, value=value, timestamp=int(time.time() * 1000))
 
 
 def _message_ids(event: BaseEvent) -> list[str]:

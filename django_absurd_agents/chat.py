@@ -29,9 +29,8 @@ from pydantic import ValidationError
 from pydantic_ai.ui.vercel_ai import VercelAIAdapter, VercelAIEventStream
 from pydantic_ai.ui.vercel_ai.request_types import TextUIPart
 
+from django_absurd_agents.exceptions import TurnFailed as TurnFailed  # its old import path
 from django_absurd_agents.sse import resume_offset
-from django_absurd_agents.turn_stream import AttemptStarted as AttemptStarted
-from django_absurd_agents.turn_stream import native_events as native_events
 from django_absurd_agents.turn_stream import requested_turn, send_turn, stream_turn
 
 SDK_VERSION: Literal[5, 6, 7] = 5

@@ -54,10 +54,21 @@ async def may_read_events(request: HttpRequest, task_id: str) -> bool:
     return bool(result)
 
 
-async def default_rule(request: HttpRequest, task_id: str) -> bool:
+async def may_read_any(request: HttpRequest) -> bool:
+    """False when the rule refuses this request every log (the built-in rule, an anonymous or inactive user).
+
+    Lets a view refuse such a request before it reads anything to learn which task is asked for.
+    """
+    if configured_rule() is not None:
+        return True
     user = await request.auser()
-    if not user.is_authenticated or not user.is_active:
+    return bool(user.is_authenticated and user.is_active)
+
+
+async def default_rule(request: HttpRequest, task_id: str) -> bool:
+    if not await may_read_any(request):
         return False
+    user = await request.auser()
     if await user.ahas_perm(VIEW_PERMISSION):  # type: ignore[attr-defined]
         return True
     return await owns_turn_of(user, task_id)

@@ -38,6 +38,7 @@ from pydantic_ai.messages import ModelMessagesTypeAdapter, ModelRequest, ModelRe
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from django_absurd_agents.exceptions import AbsurdAgentsError, InvalidParams
+from django_absurd_agents.exceptions import UnrecordableStepResult as UnrecordableStepResult  # its old import path
 
 MAX_DEPTH = 200
 """Deepest nesting of lists and dicts accepted (real data is a few levels deep; a cycle is infinite)."""

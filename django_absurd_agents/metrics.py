@@ -173,17 +173,19 @@ def replayed_tokens(queues: list[str], window: datetime.timedelta = WINDOW) -> T
     each model request checkpointed by an earlier attempt's run comes back from the database instead
     of from the model. Counted once per such run: a request replayed by the second and the third
     attempt was saved twice. Reached through the runs' primary key (runs created within ``window``
-    plus a day), then the checkpoints' (by task) and the runs' again (the checkpoint's owner).
+    plus a day), then, run by run, the checkpoints' (by task) and the runs' again (the checkpoint's
+    owner): a lateral subquery, as in ``recent_steps``, so the checkpoint table is never read whole.
     """
     if not queues:
         return {}
     branches = [
         f"(select %s::text as queue, {_tokens('c', 'input')} as input_tokens, "
         f"{_tokens('c', 'output')} as output_tokens "
-        f"from {table('r', q)} r join {table('c', q)} c on c.task_id = r.task_id and c.owner_run_id <> r.run_id "
-        f"join {table('r', q)} o on o.run_id = c.owner_run_id and o.attempt < r.attempt "
-        "where r.started_at >= now() - %s::interval and r.run_id >= %s and r.attempt > 1 "
-        "and c.checkpoint_name ~ '__model\\.request')"
+        f"from {table('r', q)} r cross join lateral (select c.state from {table('c', q)} c "
+        f"join {table('r', q)} o on o.run_id = c.owner_run_id "
+        "where c.task_id = r.task_id and c.owner_run_id <> r.run_id and o.attempt < r.attempt "
+        "and c.checkpoint_name ~ '__model\\.request') c "
+        "where r.started_at >= now() - %s::interval and r.run_id >= %s and r.attempt > 1)"
         for q in queues
     ]
     tokens: Tokens = {}

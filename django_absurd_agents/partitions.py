@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from django.db import DatabaseError, transaction
 
+from django_absurd_agents import validation
 from django_absurd_agents.tables import FINISHED_STATES, connection, first_row, rows, table
 
 DROPPED, HELD, BUSY = "dropped", "held", "busy"
@@ -101,7 +102,7 @@ def cutoff(queue: str) -> datetime.datetime:
         "select absurd.current_time() - cleanup_ttl as cutoff from absurd.queues where queue_name = %s", [queue]
     )
     if found is None:
-        raise ValueError(f"Queue {queue!r} does not exist.")
+        raise validation.unknown_queue(queue)
     return found["cutoff"]
 
 

@@ -93,7 +93,7 @@ def schedule_rows(now: datetime) -> list[ScheduleRow]:
         if isinstance(item, schedules.Schedule):
             by_queue[str(item.queue)].append(item)
     present = list_queues() if by_queue else []
-    spawns = last_spawns({queue: found for queue, found in by_queue.items() if queue in present})
+    spawns = last_spawns({queue: found for queue, found in by_queue.items() if queue in present}, present=present)
     return [
         item
         if isinstance(item, ScheduleRow)
@@ -138,8 +138,13 @@ def params_summary(params: Any) -> str:
     return text if len(text) <= PARAMS_SUMMARY_CHARS else f"{text[: PARAMS_SUMMARY_CHARS - 1]}…"
 
 
-def last_spawns(by_queue: dict[str, list[schedules.Schedule]]) -> dict[str, LastSpawn]:
-    """Schedule name -> the newest task it spawned, one statement per queue."""
+def last_spawns(
+    by_queue: dict[str, list[schedules.Schedule]], *, present: list[str] | None = None
+) -> dict[str, LastSpawn]:
+    """Schedule name -> the newest task it spawned, one statement per queue.
+
+    ``present`` is the catalog's queues with tables when the caller has read it (``tables.over_queues``).
+    """
     if not by_queue:
         return {}
     collation = "" if sorts_by_code_point() else ' collate "C"'
@@ -166,7 +171,7 @@ def last_spawns(by_queue: dict[str, list[schedules.Schedule]]) -> dict[str, Last
                 )
         return found
 
-    return over_queues(list(by_queue), read)
+    return over_queues(list(by_queue), read, present=present)
 
 
 def sorts_by_code_point() -> bool:

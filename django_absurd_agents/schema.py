@@ -17,6 +17,7 @@ from django.db import DatabaseError, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
 from django_absurd_agents.exceptions import QueueStorageError, SchemaVersionError
+from django_absurd_agents.tables import fetch
 
 EXPECTED_VERSION: str = absurdctl.ABSURD_SCHEMA_TARGET_VERSION
 """The schema version this release of the app installs and its code expects."""
@@ -39,14 +40,22 @@ SCHEMA_DROP_REFUSED = (
 )
 
 
+_ABSURD_RELATIONS_SQL = (
+    "select count(*) as value from pg_class c join pg_namespace n on n.oid = c.relnamespace where n.nspname = 'absurd'"
+)
+
+
+def _value(cursor: Any, statement: str, params: list[Any] | None = None) -> Any:
+    """The column ``value`` of the one row ``statement`` returns."""
+    return fetch(cursor, statement, params or [])[0]["value"]
+
+
 def installed_version(connection: BaseDatabaseWrapper) -> str | None:
     """``absurd.get_schema_version()``, or None when no Absurd schema is installed."""
     with connection.cursor() as cursor:
-        cursor.execute("select to_regprocedure('absurd.get_schema_version()') is not null")
-        if not cursor.fetchone()[0]:
+        if not _value(cursor, "select to_regprocedure('absurd.get_schema_version()') is not null as value"):
             return None
-        cursor.execute("select absurd.get_schema_version()")
-        return str(cursor.fetchone()[0])
+        return str(_value(cursor, "select absurd.get_schema_version() as value"))
 
 
 def lock_schema(connection: BaseDatabaseWrapper) -> None:
@@ -68,8 +77,7 @@ def migration_lock(connection: BaseDatabaseWrapper, *, on_wait: Callable[[], Non
         yield
         return
     with connection.cursor() as cursor:
-        cursor.execute("select pg_try_advisory_lock(%s)", [LOCK_KEY])
-        if not cursor.fetchone()[0]:
+        if not _value(cursor, "select pg_try_advisory_lock(%s) as value", [LOCK_KEY]):
             if on_wait is not None:
                 on_wait()
             cursor.execute("select pg_advisory_lock(%s)", [LOCK_KEY])
@@ -94,17 +102,11 @@ def install_or_adopt(connection: BaseDatabaseWrapper) -> str:
     version = installed_version(connection)
     if version is None:
         with connection.cursor() as cursor:
-            cursor.execute("select exists(select 1 from pg_namespace where nspname = 'absurd')")
-            if cursor.fetchone()[0]:
-                cursor.execute(
-                    "select count(*) from pg_class c join pg_namespace n on n.oid = c.relnamespace "
-                    "where n.nspname = 'absurd'"
+            if _value(cursor, _ABSURD_RELATIONS_SQL):  # a schema 'absurd' of something else (an empty one is reused)
+                raise SchemaVersionError(
+                    "A schema named 'absurd' exists but holds no Absurd installation "
+                    "(absurd.get_schema_version() is missing). Rename or drop that schema, then run migrate again."
                 )
-                if cursor.fetchone()[0]:
-                    raise SchemaVersionError(
-                        "A schema named 'absurd' exists but holds no Absurd installation "
-                        "(absurd.get_schema_version() is missing). Rename or drop that schema, then run migrate again."
-                    )
             cursor.execute(absurdctl.BUNDLED_SCHEMA_SQL)
         return "installed"
     if version != EXPECTED_VERSION:
@@ -172,8 +174,8 @@ def drop(connection: BaseDatabaseWrapper) -> None:
 
 
 def _stored_modes(cursor: Any) -> dict[str, str]:
-    cursor.execute("select queue_name, storage_mode from absurd.queues")
-    return {str(name): str(mode) for name, mode in cursor.fetchall()}
+    found = fetch(cursor, "select queue_name, storage_mode from absurd.queues")
+    return {str(row["queue_name"]): str(row["storage_mode"]) for row in found}
 
 
 def _mismatches(stored: dict[str, str], specs: Iterable[Any]) -> list[QueueStorageError]:
@@ -187,8 +189,7 @@ def _mismatches(stored: dict[str, str], specs: Iterable[Any]) -> list[QueueStora
 def storage_mismatches(connection: BaseDatabaseWrapper, settings: Any) -> list[QueueStorageError]:
     """Declared queues whose storage mode (``QUEUES`` entry ``storage``) differs from the database's."""
     with connection.cursor() as cursor:
-        cursor.execute("select to_regclass('absurd.queues') is not null")
-        if not cursor.fetchone()[0]:
+        if not _value(cursor, "select to_regclass('absurd.queues') is not null as value"):
             return []
         return _mismatches(_stored_modes(cursor), settings.queue_specs)
 

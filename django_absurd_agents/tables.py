@@ -17,7 +17,6 @@ connection, inside the caller's transaction.
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -56,10 +55,11 @@ def connection() -> Any:
 def rows(statement: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
     """Every row of ``statement`` as a dict by column name, json and jsonb values decoded."""
     with connection().cursor() as cursor:
-        return _fetch(cursor, statement, params)
+        return fetch(cursor, statement, params)
 
 
-def _fetch(cursor: Any, statement: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+def fetch(cursor: Any, statement: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    """:func:`rows` on a cursor the caller holds (inside its transaction, on its connection)."""
     cursor.execute(statement, list(params))
     columns = [(column.name, column.type_code in _JSON_TYPES) for column in cursor.description]
     return [
@@ -76,19 +76,6 @@ def first_row(statement: str, params: Sequence[Any] = ()) -> dict[str, Any] | No
 def load_json(value: Any) -> Any:
     """A json value as Python data (Django's cursor returns json and jsonb as text)."""
     return json.loads(value) if isinstance(value, str) else value
-
-
-_UUID_TEXT = re.compile(r"\{?[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}\}?", re.IGNORECASE)
-"""What a person types as a task id; stricter than ``uuid.UUID``, which also takes ``+1900000-...``."""
-
-
-def parse_uuid(value: object) -> uuid.UUID | None:
-    """``value`` as a UUID when it is one (or its text, blanks around it ignored), else None."""
-    if isinstance(value, uuid.UUID):
-        return value
-    if not isinstance(value, str) or not _UUID_TEXT.fullmatch(value.strip()):
-        return None
-    return uuid.UUID(value.strip())
 
 
 _INSTALLED_SQL = "select to_regclass('absurd.queues') is not null as installed"
@@ -113,9 +100,9 @@ def queue_catalog() -> list[tuple[str, bool]]:
     the queue's five tables; such a queue is left out of everything else.
     """
     with connection().cursor() as cursor:
-        if not _fetch(cursor, _INSTALLED_SQL)[0]["installed"]:
+        if not fetch(cursor, _INSTALLED_SQL)[0]["installed"]:
             return []
-        return [(row["queue_name"], bool(row["has_tables"])) for row in _fetch(cursor, CATALOG_SQL)]
+        return [(row["queue_name"], bool(row["has_tables"])) for row in fetch(cursor, CATALOG_SQL)]
 
 
 def list_queues() -> list[str]:
@@ -184,10 +171,10 @@ def locate_sync(cursor: Any, task_id: uuid.UUID, queue: str | None) -> tuple[str
     Task ids are unique across queues (Absurd makes UUIDv7s), so without ``queue`` the id is looked
     up in every catalogued queue. ``UnknownQueue`` for a ``queue`` the catalog does not have.
     """
-    queues = _searched(_fetch(cursor, CATALOG_SQL), queue)
+    queues = _searched(fetch(cursor, CATALOG_SQL), queue)
     if not queues:
         return None
-    found = _fetch(cursor, *_locate_statement(queues, task_id))
+    found = fetch(cursor, *_locate_statement(queues, task_id))
     return (found[0]["queue"], found[0]["state"]) if found else None
 
 

@@ -17,7 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from django_absurd_agents.tables import over_queues, parse_uuid, rows, table
+from django_absurd_agents.tables import over_queues, rows, table
+from django_absurd_agents.validation import parse_uuid
 
 COUNT_CAP = 1_000
 """Filtered totals are counted exactly up to this many rows, then shown as "more than"."""

@@ -26,7 +26,7 @@ from pydantic_ai.messages import CustomEvent, PartDeltaEvent, PartEndEvent, Part
 from pydantic_ai.ui import UIEventStream
 
 from django_absurd_agents.conversation_entries import database_alias
-from django_absurd_agents.event_access import may_read_events
+from django_absurd_agents.event_access import may_read_any, may_read_events
 from django_absurd_agents.event_log import ATTEMPT
 from django_absurd_agents.event_stream import END, follow
 from django_absurd_agents.exceptions import TurnFailed
@@ -71,11 +71,14 @@ async def send_turn(request: HttpRequest, conversation_id: uuid.UUID, prompt: st
 async def requested_turn(request: HttpRequest, conversation_id: uuid.UUID) -> Any:
     """The turn a ``GET`` asks for (``?turn=``, or the unfinished one), or the response refusing it.
 
-    Only the owner learns whether a turn exists or which one is unfinished; whoever follows a turn
-    passes the event log's rule on its task, decided before the task or its log is read.
+    Only the owner learns whether a turn exists or which one is unfinished; whoever follows a turn,
+    the owner included, passes the event log's rule on its task, decided before the task or its log is
+    read. A request the rule refuses every log is refused before the turn is looked up.
     """
     from django_absurd_agents.models import Turn
 
+    if not await may_read_any(request):
+        return forbidden()
     raw_turn = request.GET.get("turn")
     try:
         turn_id = uuid.UUID(raw_turn) if raw_turn else None
@@ -147,17 +150,14 @@ class _Streamed:
 async def native_events(task_id: str, after: int | None, turn: Any) -> AsyncIterator[Any]:
     """The turn's pydantic-ai events from the log; a failed turn raises ``TurnFailed`` at the end.
 
-    Events a superseded attempt writes after a newer attempt's marker (a worker that lost its lease
-    and did not notice at once) are left out, as ``event_stream.assemble`` leaves them out.
+    ``follow`` already leaves out what a superseded attempt wrote after a newer attempt's marker.
     """
     streamed = _Streamed()
-    current = 0
     answered = False
     async for entry in follow(task_id, after):
         if entry is None:
             continue
         if entry.kind == ATTEMPT:
-            current = max(current, int(entry.data["attempt"]))
             for event in streamed.void(int(entry.data["attempt"]), int(entry.data["discard_after"])):
                 yield event
         elif entry.kind == END:
@@ -169,7 +169,7 @@ async def native_events(task_id: str, after: int | None, turn: Any) -> AsyncIter
                 async for event in _stored_answer(turn):
                     yield event
             return
-        elif entry.attempt >= current:
+        else:
             event = entry.event()
             streamed.record(event, entry.offset)
             answered = answered or entry.kind == "agent_run_result"

@@ -8,21 +8,30 @@ malformed id, a blank task name, ``max_attempts=0``) in Python first, and looks 
 
 from __future__ import annotations
 
+import re
 import uuid
 
 from django_absurd_agents.exceptions import TaskNotFound, UnknownQueue
 from django_absurd_agents.jsonsafe import InvalidParams, name_problem
 
+_UUID_TEXT = re.compile(r"\{?[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}\}?", re.IGNORECASE)
+"""What a person types as a task id; stricter than ``uuid.UUID``, which also takes ``+1900000-...``."""
+
+
+def parse_uuid(value: object) -> uuid.UUID | None:
+    """``value`` as a UUID when it is one (or its text, blanks around it ignored), else None."""
+    if isinstance(value, uuid.UUID):
+        return value
+    if not isinstance(value, str) or not _UUID_TEXT.fullmatch(value.strip()):
+        return None
+    return uuid.UUID(value.strip())
+
 
 def task_uuid(task_id: object) -> uuid.UUID:
     """``task_id`` (a UUID or its text) as a UUID, or ``InvalidParams`` naming it (a ``ValueError``)."""
-    if isinstance(task_id, uuid.UUID):
-        return task_id
-    if isinstance(task_id, str):
-        try:
-            return uuid.UUID(task_id)
-        except ValueError:
-            pass
+    parsed = parse_uuid(task_id)
+    if parsed is not None:
+        return parsed
     raise InvalidParams(f"{task_id!r} is not a task id: task ids are UUIDs such as '0190c3e2-7a1b-7c3d-...'.")
 
 

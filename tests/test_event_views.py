@@ -273,7 +273,7 @@ async def test_use_chat_closes_what_a_dead_attempt_left_and_says_so(project_absu
     """A log where attempt 1 died mid-answer: its open text part is closed, then a data-absurd-attempt part."""
     from pydantic_ai.ui.vercel_ai import VercelAIEventStream
 
-    from django_absurd_agents.chat import native_events
+    from django_absurd_agents.turn_stream import native_events
 
     task_id = (await project_absurd.spawn("event_story", {}))["task_id"]
     rows = [

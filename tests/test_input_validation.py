@@ -634,3 +634,15 @@ def test_async_calls_by_id_find_a_task_routed_to_another_queue(routed_to_other: 
     work_until(lambda: other_state(failing) == "failed", client=absurd.for_queue("other"))
     retried = run_async(lambda client: client.retry_task(failing))
     assert retried["task_id"] == failing and other_state(failing) == "pending"
+
+
+@pytest.mark.parametrize(
+    "text", ["urn:uuid:12345678-1234-1234-1234-123456789abc", "+1234567-1234-1234-1234-123456789abc", "not-a-uuid"]
+)
+def test_a_task_id_is_what_a_person_types_as_a_uuid(text: str) -> None:
+    """The client takes the same task ids as the admin and the commands: ``uuid.UUID`` alone takes more."""
+    from django_absurd_agents.validation import task_uuid
+
+    with pytest.raises(InvalidParams, match="is not a task id"):
+        task_uuid(text)
+    assert task_uuid(" {12345678-1234-1234-1234-123456789ABC} ") == uuid.UUID("12345678-1234-1234-1234-123456789abc")

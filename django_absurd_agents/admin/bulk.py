@@ -23,8 +23,9 @@ from django_absurd_agents.admin.base import TEMPLATE_DIR
 from django_absurd_agents.admin.forms import BulkRetryForm, CancelForm
 from django_absurd_agents.admin.permissions import CANCEL_PERM, RETRY_PERM, VIEW_PERM, require, user_can
 from django_absurd_agents.client import absurd
-from django_absurd_agents.tables import ACTIVE_STATES, connection, parse_uuid
+from django_absurd_agents.tables import ACTIVE_STATES, connection
 from django_absurd_agents.task_list import TaskRow, tasks_by_id
+from django_absurd_agents.validation import parse_uuid
 
 MAX_SELECTED = 500
 """At most this many tasks in one bulk action (a page of the list holds 50)."""

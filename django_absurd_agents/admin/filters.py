@@ -19,8 +19,9 @@ from django.utils.dateparse import parse_date, parse_datetime
 from django.utils.http import urlencode
 
 from django_absurd_agents.exceptions import AbsurdAgentsError
-from django_absurd_agents.tables import STATES, parse_uuid
+from django_absurd_agents.tables import STATES
 from django_absurd_agents.task_list import TaskFilters
+from django_absurd_agents.validation import parse_uuid
 
 CREATED_PRESETS: dict[str, tuple[str, datetime.timedelta | None]] = {
     "hour": ("Past hour", datetime.timedelta(hours=1)),

@@ -11,7 +11,10 @@ from typing import Any
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest
 
-VIEW_PERM = "absurd_agents.view_absurdtask"
+from django_absurd_agents.event_access import VIEW_PERMISSION
+
+VIEW_PERM = VIEW_PERMISSION
+"""Defined once, in ``event_access``: the event log's rule grants what the task pages need."""
 RETRY_PERM = "absurd_agents.retry_absurdtask"
 CANCEL_PERM = "absurd_agents.cancel_absurdtask"
 EMIT_PERM = "absurd_agents.emit_absurdevent"

@@ -49,9 +49,10 @@ from django_absurd_agents.client import absurd
 from django_absurd_agents.models import AbsurdTask
 from django_absurd_agents.queue_overview import overview
 from django_absurd_agents.steps import decode_steps
-from django_absurd_agents.tables import FINISHED_STATES, STATES, locate_task, parse_uuid, queue_catalog
+from django_absurd_agents.tables import FINISHED_STATES, STATES, locate_task, queue_catalog
 from django_absurd_agents.task_list import TaskPage, task_names, task_page
 from django_absurd_agents.timeline import timeline
+from django_absurd_agents.validation import parse_uuid
 
 LIVE_HEADER = "X-Absurd-Live"
 """Sent by ``admin_live.js`` when it re-reads a page to refresh it in place."""

@@ -17,7 +17,7 @@ from django.core.management.base import CommandError, CommandParser
 from django.db import DatabaseError
 from django.utils import timezone
 
-from django_absurd_agents import conf, tables
+from django_absurd_agents import conf, tables, validation
 from django_absurd_agents.json_text import text_problem
 from django_absurd_agents.task_list import TaskFilters, TaskRow, matching_tasks, tasks_by_id
 
@@ -71,7 +71,7 @@ def queue_name_given(value: str) -> str:
 
 def task_id(value: str) -> uuid.UUID:
     """``value`` as a task id, or a CommandError naming it; checked before any SQL."""
-    parsed = tables.parse_uuid(value)
+    parsed = validation.parse_uuid(value)
     if parsed is None:
         raise CommandError(f"{value!r} is not a task id (a UUID such as 0190c3e2-8f4e-7c2a-9d1b-3f5e6a7b8c9d).")
     return parsed

@@ -36,7 +36,10 @@ def delete_rows(queue: str, *, events_only: bool) -> tuple[int, int]:
     """
     tasks = events = 0
     for _ in range(_MAX_ROUNDS):
-        [deleted] = tables.rows(_EVENTS_ONLY_SQL if events_only else _ROWS_SQL, [queue])
+        found = tables.rows(_EVENTS_ONLY_SQL if events_only else _ROWS_SQL, [queue])
+        if not found:  # dropped since it was listed: nothing of it is left to delete
+            break
+        [deleted] = found
         tasks += deleted["tasks_deleted"]
         events += deleted["events_deleted"]
         if not (deleted["tasks_deleted"] or deleted["events_deleted"]):

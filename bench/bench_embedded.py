@@ -44,7 +44,7 @@ def timed_start(data_dir: Path) -> tuple[float, embedded.EmbeddedServer]:
 def gone(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] in ("Z", "X")
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return True
 
 

@@ -54,21 +54,24 @@ async def may_read_events(request: HttpRequest, task_id: str) -> bool:
     return bool(result)
 
 
+async def _active_user(request: HttpRequest) -> Any:
+    """The request's user when logged in and active, else None."""
+    user = await request.auser()
+    return user if user.is_authenticated and user.is_active else None
+
+
 async def may_read_any(request: HttpRequest) -> bool:
     """False when the rule refuses this request every log (the built-in rule, an anonymous or inactive user).
 
     Lets a view refuse such a request before it reads anything to learn which task is asked for.
     """
-    if configured_rule() is not None:
-        return True
-    user = await request.auser()
-    return bool(user.is_authenticated and user.is_active)
+    return configured_rule() is not None or await _active_user(request) is not None
 
 
 async def default_rule(request: HttpRequest, task_id: str) -> bool:
-    if not await may_read_any(request):
+    user = await _active_user(request)
+    if user is None:
         return False
-    user: Any = await request.auser()  # active and authenticated: a user model, which has ahas_perm
     if await user.ahas_perm(VIEW_PERMISSION):
         return True
     return await owns_turn_of(user, task_id)

@@ -46,7 +46,7 @@ def proc_running(pid: int) -> bool:
     """Alive and not a zombie (an orphan may linger as a zombie where pid 1 does not reap)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone before it was opened, or while it was read
         return False
     return fields[0] not in ("Z", "X")
 

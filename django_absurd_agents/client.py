@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import psycopg
 from absurd_sdk import (
+    Absurd,
     AbsurdHooks,
     AsyncAbsurd,
     AsyncTaskContext,
@@ -41,7 +42,7 @@ from django.db import DatabaseError
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
-from django_absurd_agents import conf, jsonsafe, progress, spawning, tables, validation
+from django_absurd_agents import conf, jsonsafe, progress, spawning, sync_client, tables, validation
 from django_absurd_agents.exceptions import InvalidParams as InvalidParams  # re-exported: its old home
 from django_absurd_agents.exceptions import TaskNotFound as TaskNotFound  # re-exported: its old home
 from django_absurd_agents.exceptions import UnknownQueue as UnknownQueue  # re-exported: its old home
@@ -55,9 +56,6 @@ if TYPE_CHECKING:
 
 TaskId = str | uuid.UUID
 TaskHandler = Callable[[Any, AsyncTaskContext], Awaitable[Any]]
-
-
-_RESULT_SQL = "select state, result, failure_reason from absurd.get_task_result(%s, %s)"
 
 
 class ProjectAbsurd(AsyncAbsurd):
@@ -285,6 +283,10 @@ class ProjectAbsurd(AsyncAbsurd):
                 raise
             return spawning.spawned(_named(cursor) or {})
 
+    def _sdk_sync(self, queue: str) -> Absurd:
+        """absurd-sdk's own sync client for ``queue``, on Django's connection (``sync_client``)."""
+        return sync_client.sdk_client(queue, self._user_hooks)
+
     def _search(self, task_id: TaskId, queue_name: str | None) -> tuple[uuid.UUID, str | None]:
         """The id as a UUID and the queue to search (None: all), both checked before any SQL.
 
@@ -333,15 +335,7 @@ class ProjectAbsurd(AsyncAbsurd):
         located = self.locate_task_sync(task_id, queue_name)
         if located is None:
             return None
-        with tables.connection().cursor() as cursor:
-            cursor.execute(_RESULT_SQL, [located[0], str(validation.task_uuid(task_id))])
-            row = _named(cursor)
-        if row is None:
-            return None
-        # Django's cursor leaves jsonb as text.
-        return TaskResultSnapshot(
-            state=row["state"], result=tables.load_json(row["result"]), failure=tables.load_json(row["failure_reason"])
-        )
+        return self._sdk_sync(located[0]).fetch_task_result(str(validation.task_uuid(task_id)))
 
     async def await_task_result(  # type: ignore[override]
         self, task_id: TaskId, timeout: float | None = None, queue_name: str | None = None
@@ -364,9 +358,8 @@ class ProjectAbsurd(AsyncAbsurd):
         await super().emit_event(name, json.loads(payload_json), queue)
 
     def emit_event_sync(self, event_name: str, payload: Any = None, queue_name: str | None = None) -> None:
-        args = self._event_args(event_name, payload, queue_name)
-        with tables.connection().cursor() as cursor:
-            cursor.execute("select absurd.emit_event(%s, %s, %s::jsonb)", list(args))
+        queue, name, payload_json = self._event_args(event_name, payload, queue_name)
+        self._sdk_sync(queue).emit_event(name, json.loads(payload_json))
 
     async def cancel_task(self, task_id: TaskId, queue_name: str | None = None) -> None:  # type: ignore[override]
         """Cancel the task (a no-op when it has finished); ``TaskNotFound`` when no task has this id."""
@@ -376,8 +369,7 @@ class ProjectAbsurd(AsyncAbsurd):
     def cancel_task_sync(self, task_id: TaskId, queue_name: str | None = None) -> None:
         """Cancel the task on Django's connection; ``TaskNotFound`` (nothing run) when no task has this id."""
         queue, _ = self._existing_sync(task_id, queue_name)
-        with tables.connection().cursor() as cursor:
-            cursor.execute("select absurd.cancel_task(%s, %s)", [queue, str(validation.task_uuid(task_id))])
+        self._sdk_sync(queue).cancel_task(str(validation.task_uuid(task_id)))
 
     async def retry_task(  # type: ignore[override]
         self,
@@ -404,21 +396,12 @@ class ProjectAbsurd(AsyncAbsurd):
         queue_name: str | None = None,
     ) -> RetryTaskResult:
         """Retry a failed task on Django's connection; ``TaskNotFound`` (nothing run) when no task has this id."""
-        options: dict[str, Any] = {}
-        if validation.max_attempts(max_attempts) is not None:
-            options["max_attempts"] = max_attempts
-        if spawn_new:
-            options["spawn_new"] = True
+        validation.max_attempts(max_attempts)
         queue, _ = self._existing_sync(task_id, queue_name)
-        with tables.connection().cursor() as cursor:
-            cursor.execute(
-                "select task_id, run_id, attempt, created from absurd.retry_task(%s, %s, %s::jsonb)",
-                [queue, str(validation.task_uuid(task_id)), json.dumps(options)],
-            )
-            row = _named(cursor)
-        assert row is not None  # absurd.retry_task returns a row or raises
-        return {"task_id": str(row["task_id"]), "run_id": str(row["run_id"]), "attempt": row["attempt"],
-                "created": row["created"]}  # fmt: skip
+        result = self._sdk_sync(queue).retry_task(
+            str(validation.task_uuid(task_id)), max_attempts=max_attempts, spawn_new=spawn_new
+        )
+        return {**result, "task_id": str(result["task_id"]), "run_id": str(result["run_id"])}
 
     def stream_events(self, task_id: TaskId, after: int | None = None) -> AsyncIterator[LoggedEvent]:
         """The task's event log after offset ``after``, live, ending with an ``end`` entry once the task is over."""

@@ -15,6 +15,14 @@ from typing import Any
 import absurd_sdk
 from absurd_sdk import AsyncAbsurd, AsyncTaskContext, ClaimedTask
 
+CHECKED_RANGE = ((0, 5, 1), (0, 6))
+"""The absurd-sdk releases every use below was checked against: from the first, below the second.
+
+``pyproject.toml`` declares the same range, and ``tests/test_sdk_range.py`` fails when the installed
+SDK is outside it: check each use in this module (and ``sync_client.py``) against the new release,
+then widen both.
+"""
+
 
 async def create_context(conn: Any, queue: str, task: ClaimedTask, claim_timeout: int) -> AsyncTaskContext:
     """A task context that writes through ``conn`` (a ``TaskConnection``), checkpoints preloaded.

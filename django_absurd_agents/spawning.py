@@ -3,7 +3,9 @@
 ``spawn`` (on the client's own connection) and ``spawn_sync`` (on Django's, in the caller's
 transaction) both build their arguments with ``ProjectAbsurd._prepare`` and send ``SPAWN_SQL``:
 the ``NOTIFY`` that wakes idle workers rides in the same statement (``wakeup.py``), so it is
-delivered on commit and never for a rolled-back spawn.
+delivered on commit and never for a rolled-back spawn. This is the one statement of absurd-sdk's
+that the app writes itself: the SDK's ``spawn`` neither says whether an idempotency key created the
+task (``created``) nor wakes anyone. The other sync calls are the SDK's own (``sync_client.py``).
 """
 
 from __future__ import annotations

@@ -142,3 +142,26 @@ def test_spawn_and_spawn_sync_both_apply_the_before_spawn_hook(clean_queues: Non
 
         awaited = asyncio.run(spawn_async())
         assert headers_of(synced) == headers_of(awaited) == {"tenant": "acme", "task": "analyse"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sync_calls_are_absurd_sdks_own_on_djangos_connection(clean_queues: None) -> None:
+    """cancel, emit, retry and fetch go through absurd-sdk's sync client on Django's cursor: they show
+    where Django shows queries, and roll back with the caller's transaction."""
+    from django.test.utils import CaptureQueriesContext
+
+    task_id = absurd.spawn_sync("analyse", {"q": 1})["task_id"]
+    with pytest.raises(RuntimeError), transaction.atomic():
+        with CaptureQueriesContext(connection) as queries:
+            absurd.cancel_task_sync(task_id)
+            absurd.emit_event_sync("approval:7", {"ok": True}, queue_name="agents")
+        sent = " ".join(query["sql"] for query in queries.captured_queries)
+        assert "absurd.cancel_task" in sent and "absurd.emit_event" in sent
+        snapshot = absurd.fetch_task_result_sync(task_id)
+        assert snapshot is not None and snapshot.state == "cancelled"
+        raise RuntimeError("the view failed")
+    snapshot = absurd.fetch_task_result_sync(task_id)
+    assert snapshot is not None and snapshot.state == "pending"
+    with connection.cursor() as cursor:
+        cursor.execute("select count(*) from absurd.e_agents where event_name = 'approval:7'")
+        assert cursor.fetchone()[0] == 0

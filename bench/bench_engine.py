@@ -142,9 +142,7 @@ def build() -> Any:
 async def execute(sql: str, params: list[Any] | None = None) -> list[Any]:
     from django_absurd_agents import absurd
 
-    await absurd._ensure_connected()
-    assert absurd._conn is not None
-    cursor = await absurd._conn.execute(sql, params)
+    cursor = await (await absurd.live_connection()).execute(sql, params)
     return await cursor.fetchall() if cursor.description else []
 
 

@@ -143,14 +143,13 @@ def serve(kind: str, concurrency: int, poll: float, ready: str) -> None:
     async def run_sdk() -> None:
         if kind == "start_worker":
             client: Any = absurd.for_queue(QUEUE)
+            await client.live_connection()
         else:
             from absurd_sdk import AsyncAbsurd
 
             client = AsyncAbsurd(url, queue_name=QUEUE)
-            client._registry = {**absurd._registry}
-            for registration in client._registry.values():
-                registration["queue"] = QUEUE
-        await client._ensure_connected()
+            client._registry = {name: {**task, "queue": QUEUE} for name, task in absurd.registry.items()}
+            await client._ensure_connected()
         Path(ready).write_text("ready")
         await client.start_worker(concurrency=concurrency, claim_timeout=60, poll_interval=poll)
 

@@ -2,7 +2,8 @@
 
 ``absurd`` has the API of ``absurd_sdk.AsyncAbsurd`` (``register_task``, ``spawn``, ``work_batch``,
 ``start_worker``, ``fetch_task_result``, ...), bound to the database alias and queues in settings,
-so the Pydantic AI Absurd tutorial runs with ``absurd`` imported instead of constructed. On top of it:
+so the Pydantic AI Absurd tutorial runs with ``absurd`` imported instead of constructed: its calls
+are made by absurd-sdk's own client, built on first use (``sdk.BoundAbsurd``). On top of it:
 
 - a web process spawns by task name without importing the task; the queue comes from
   ``TASK_ROUTES`` or the default queue;
@@ -29,7 +30,6 @@ import psycopg
 from absurd_sdk import (
     Absurd,
     AbsurdHooks,
-    AsyncAbsurd,
     AsyncTaskContext,
     CancellationPolicy,
     ClaimedTask,
@@ -42,13 +42,14 @@ from django.db import DatabaseError
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
-from django_absurd_agents import conf, jsonsafe, progress, spawning, sync_client, tables, validation
+from django_absurd_agents import conf, jsonsafe, progress, sdk, spawning, sync_client, tables, validation
 from django_absurd_agents.exceptions import InvalidParams as InvalidParams  # re-exported: its old home
 from django_absurd_agents.exceptions import TaskNotFound as TaskNotFound  # re-exported: its old home
 from django_absurd_agents.exceptions import UnknownQueue as UnknownQueue  # re-exported: its old home
 from django_absurd_agents.execution import execute_claimed
 from django_absurd_agents.lease import keep_lease
 from django_absurd_agents.registry import TaskRegistry
+from django_absurd_agents.sdk import BoundAbsurd
 from django_absurd_agents.task_context import check_context
 
 if TYPE_CHECKING:
@@ -58,37 +59,35 @@ TaskId = str | uuid.UUID
 TaskHandler = Callable[[Any, AsyncTaskContext], Awaitable[Any]]
 
 
-class ProjectAbsurd(AsyncAbsurd):
-    """``AsyncAbsurd`` bound to Django's settings, with one connection per event loop."""
+class ProjectAbsurd:
+    """The project's Absurd app: registrations made at import time, absurd-sdk's clients built on first use.
 
-    def __init__(self, hooks: AbsurdHooks | None = None) -> None:
-        # Settings are read lazily (this object is created at import time), so AsyncAbsurd's
-        # constructor, which fixes the queue and opens a connection, is not called.
-        self._user_hooks: AbsurdHooks = hooks or {}
-        self._hooks = {**self._user_hooks, "wrap_task_execution": self.wrap_task_execution}
-        self._registry: dict[str, dict[str, Any]] = TaskRegistry()  # type: ignore[assignment]
-        self._worker_running = False
-        self._owned_conn = True
-        self._conn_string = None
+    ``absurd`` is created when this module is imported, before settings can be read, so it holds
+    only what import time gives: the task registrations and the hooks (procrastinate's blueprint).
+    A call that needs absurd-sdk gets, in its event loop, an ``AsyncAbsurd`` built through the SDK's
+    own ``__init__`` with the queue and defaults of settings (``sdk.BoundAbsurd``), on that loop's
+    connection: Django's sync code runs each call in a loop of its own, a worker in one loop.
+    """
+
+    def __init__(
+        self, hooks: AbsurdHooks | None = None, *, queue_name: str | None = None, registry: TaskRegistry | None = None
+    ) -> None:
+        self.hooks: AbsurdHooks = hooks or {}
+        self.registry = TaskRegistry() if registry is None else registry
+        self._queue_override = queue_name
         self._conns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncConnection[Any]] = (
             weakref.WeakKeyDictionary()
         )
         self._connecting: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
         )
-        self._queue_override: str | None = None
-
-    @property
-    def _queue_name(self) -> str:  # type: ignore[override]
-        return self._queue_override or conf.get().default_queue
-
-    @property
-    def _default_max_attempts(self) -> int:  # type: ignore[override]
-        return conf.get().default_max_attempts
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, int], BoundAbsurd]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def _checked_queue(self, queue_name: str | None) -> str:
         """``queue_name`` (or this client's queue) once it is known to be a plain identifier."""
-        queue = queue_name or self._queue_name
+        queue = queue_name or self.queue_name
         problem = conf.queue_name_error(queue)
         if problem:
             raise ValueError(problem)
@@ -97,31 +96,43 @@ class ProjectAbsurd(AsyncAbsurd):
     @property
     def queue_name(self) -> str:
         """The queue this client claims from and defaults to."""
-        return self._queue_name
+        return self._queue_override or conf.get().default_queue
 
     def for_queue(self, queue_name: str) -> ProjectAbsurd:
-        """A client claiming from ``queue_name`` that shares this one's registry and hooks."""
-        clone = ProjectAbsurd(hooks=self._user_hooks)
+        """A client claiming from ``queue_name``, on connections of its own, sharing registrations and hooks."""
         # A view of the same registrations that resolves @task functions for this queue (registry.py).
-        clone._registry = self._registry.for_queue(queue_name)  # type: ignore[attr-defined]
-        clone._queue_override = queue_name
-        return clone
+        return ProjectAbsurd(self.hooks, queue_name=queue_name, registry=self.registry.for_queue(queue_name))
 
-    @property
-    def _conn(self) -> AsyncConnection[Any] | None:  # type: ignore[override]
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return None
-        return self._conns.get(loop)
+    async def sdk_client(self) -> BoundAbsurd:
+        """absurd-sdk's client for this event loop, built on first use (and again if settings changed)."""
+        settings = conf.get()
+        key = (self._checked_queue(None), settings.default_max_attempts)
+        clients = self._clients.setdefault(asyncio.get_running_loop(), {})
+        client = clients.get(key)
+        if client is None:
+            connection = await self.live_connection()
+            # setdefault: another task of this loop may have built it while this one waited for the connection.
+            client = clients.setdefault(
+                key,
+                BoundAbsurd(
+                    self.live_connection,
+                    connection,
+                    queue_name=key[0],
+                    default_max_attempts=key[1],
+                    hooks=self.hooks,
+                    registry=self.registry,
+                    execute=self.run_claimed,
+                ),
+            )
+        return client
 
     @property
     def connected(self) -> bool:
         """Whether this event loop already has a connection of this client (a pool prefers those)."""
-        return self._conn is not None
-
-    async def _ensure_connected(self) -> None:
-        await self.live_connection()
+        try:
+            return asyncio.get_running_loop() in self._conns
+        except RuntimeError:
+            return False
 
     async def live_connection(self) -> AsyncConnection[Any]:
         """This loop's connection, opened again if it is closed or broke (a database restart).
@@ -139,14 +150,22 @@ class ProjectAbsurd(AsyncAbsurd):
                     self._conns[loop] = conn = await AsyncConnection.connect(**connection_params(), autocommit=True)
         return conn
 
+    def stop_worker(self) -> None:
+        """Stop every ``start_worker`` loop of this client."""
+        for clients in list(self._clients.values()):
+            for client in clients.values():
+                client.stop_worker()
+
     async def close(self) -> None:
+        """Stop this client's workers and close this loop's connection."""
         self.stop_worker()
-        conn = self._conn
+        loop = asyncio.get_running_loop()
+        self._clients.pop(loop, None)
+        conn = self._conns.pop(loop, None)
         if conn is not None:
             await conn.close()
-            self._conns.pop(asyncio.get_running_loop(), None)
 
-    def register_task(  # type: ignore[override]
+    def register_task(
         self,
         name: str,
         queue: str | None = None,
@@ -160,26 +179,21 @@ class ProjectAbsurd(AsyncAbsurd):
         """
         validation.task_name(name)
         validation.max_attempts(default_max_attempts, what="default_max_attempts")
-        register = super().register_task(
-            name,
-            queue=queue or conf.get().queue_for(name),
-            default_max_attempts=default_max_attempts,
-            default_cancellation=default_cancellation,
-        )
+        queue = self._checked_queue(queue or conf.get().queue_for(name))
 
         def decorator(handler: TaskHandler) -> TaskHandler:
             @functools.wraps(handler)
             async def checked(params: Any, ctx: AsyncTaskContext) -> Any:
                 return await handler(params, check_context(ctx))
 
-            register(checked)
+            self.registry[name] = sdk.registration(name, queue, default_max_attempts, default_cancellation, checked)
             return handler
 
         return decorator
 
     def resolve_queue(self, task_name: str, queue: str | None = None) -> str:
         """The queue a spawn of ``task_name`` goes to: the registration, else ``queue``, else settings."""
-        registration = self._registry.get(task_name)
+        registration = self.registry.get(task_name)
         if registration is not None:
             if queue is not None and queue != registration["queue"]:
                 raise ValueError(
@@ -205,7 +219,7 @@ class ProjectAbsurd(AsyncAbsurd):
         # abort the caller's transaction.
         validation.task_name(task_name)
         queue_name = self._checked_queue(self.resolve_queue(task_name, queue))
-        registration = self._registry.get(task_name) or {}
+        registration = self.registry.get(task_name) or {}
         params_json = encode_json(params, limit=conf.get().max_params_bytes)
         if max_attempts is None:
             max_attempts = registration.get("default_max_attempts")
@@ -222,13 +236,13 @@ class ProjectAbsurd(AsyncAbsurd):
         self, task_name: str, params: Any, options: dict[str, Any]
     ) -> dict[str, Any] | Awaitable[dict[str, Any]]:
         """The options after the user's ``before_spawn`` hook, which ``spawn`` and ``spawn_sync`` both apply."""
-        before_spawn = self._hooks.get("before_spawn")
+        before_spawn = self.hooks.get("before_spawn")
         given = {k: v for k, v in options.items() if v is not None}
         if before_spawn is None:
             return given
         return cast("dict[str, Any] | Awaitable[dict[str, Any]]", before_spawn(task_name, params, given))  # type: ignore[arg-type]
 
-    async def spawn(  # type: ignore[override]
+    async def spawn(
         self,
         task_name: str,
         params: Any = None,
@@ -285,7 +299,7 @@ class ProjectAbsurd(AsyncAbsurd):
 
     def _sdk_sync(self, queue: str) -> Absurd:
         """absurd-sdk's own sync client for ``queue``, on Django's connection (``sync_client``)."""
-        return sync_client.sdk_client(queue, self._user_hooks)
+        return sync_client.client(queue, self.hooks)
 
     def _search(self, task_id: TaskId, queue_name: str | None) -> tuple[uuid.UUID, str | None]:
         """The id as a UUID and the queue to search (None: all), both checked before any SQL.
@@ -306,8 +320,7 @@ class ProjectAbsurd(AsyncAbsurd):
     async def locate_task(self, task_id: TaskId, queue_name: str | None = None) -> tuple[str, str] | None:
         """Async counterpart of ``locate_task_sync``, on the client's own connection."""
         identifier, queue = self._search(task_id, queue_name)
-        await self._ensure_connected()
-        return await tables.locate(self._conn, identifier, queue)
+        return await tables.locate(await self.live_connection(), identifier, queue)
 
     def _existing_sync(self, task_id: TaskId, queue_name: str | None) -> tuple[str, str]:
         located = self.locate_task_sync(task_id, queue_name)
@@ -321,14 +334,12 @@ class ProjectAbsurd(AsyncAbsurd):
             raise validation.not_found(task_id, queue_name)
         return located
 
-    async def fetch_task_result(  # type: ignore[override]
-        self, task_id: TaskId, queue_name: str | None = None
-    ) -> TaskResultSnapshot | None:
+    async def fetch_task_result(self, task_id: TaskId, queue_name: str | None = None) -> TaskResultSnapshot | None:
         """The task's state and outcome, or None when no task has this id (in ``queue_name``, or anywhere)."""
         located = await self.locate_task(task_id, queue_name)
         if located is None:
             return None
-        return await super().fetch_task_result(str(validation.task_uuid(task_id)), located[0])
+        return await (await self.sdk_client()).fetch_task_result(str(validation.task_uuid(task_id)), located[0])
 
     def fetch_task_result_sync(self, task_id: TaskId, queue_name: str | None = None) -> TaskResultSnapshot | None:
         """The task's state and outcome, or None when no task has this id (in ``queue_name``, or anywhere)."""
@@ -337,7 +348,7 @@ class ProjectAbsurd(AsyncAbsurd):
             return None
         return self._sdk_sync(located[0]).fetch_task_result(str(validation.task_uuid(task_id)))
 
-    async def await_task_result(  # type: ignore[override]
+    async def await_task_result(
         self, task_id: TaskId, timeout: float | None = None, queue_name: str | None = None
     ) -> TaskResultSnapshot:
         identifier = validation.task_uuid(task_id)
@@ -345,7 +356,7 @@ class ProjectAbsurd(AsyncAbsurd):
             queue = self._checked_queue(queue_name)
         else:
             queue, _ = await self._existing(identifier, None)
-        return await super().await_task_result(str(identifier), timeout, queue)
+        return await (await self.sdk_client()).await_task_result(str(identifier), timeout, queue)
 
     def _event_args(self, event_name: str, payload: Any, queue_name: str | None) -> tuple[str, str, str]:
         """Queue, name and JSON payload of an emit, checked before any SQL; payloads share the params' limit."""
@@ -353,25 +364,25 @@ class ProjectAbsurd(AsyncAbsurd):
         queue = self._checked_queue(queue_name)
         return queue, event_name, encode_json(payload, what="Event payload", limit=conf.get().max_params_bytes)
 
-    async def emit_event(self, event_name: str, payload: Any = None, queue_name: str | None = None) -> None:  # type: ignore[override]
+    async def emit_event(self, event_name: str, payload: Any = None, queue_name: str | None = None) -> None:
         queue, name, payload_json = self._event_args(event_name, payload, queue_name)
-        await super().emit_event(name, json.loads(payload_json), queue)
+        await (await self.sdk_client()).emit_event(name, json.loads(payload_json), queue)
 
     def emit_event_sync(self, event_name: str, payload: Any = None, queue_name: str | None = None) -> None:
         queue, name, payload_json = self._event_args(event_name, payload, queue_name)
         self._sdk_sync(queue).emit_event(name, json.loads(payload_json))
 
-    async def cancel_task(self, task_id: TaskId, queue_name: str | None = None) -> None:  # type: ignore[override]
+    async def cancel_task(self, task_id: TaskId, queue_name: str | None = None) -> None:
         """Cancel the task (a no-op when it has finished); ``TaskNotFound`` when no task has this id."""
         queue, _ = await self._existing(task_id, queue_name)
-        await super().cancel_task(str(validation.task_uuid(task_id)), queue)
+        await (await self.sdk_client()).cancel_task(str(validation.task_uuid(task_id)), queue)
 
     def cancel_task_sync(self, task_id: TaskId, queue_name: str | None = None) -> None:
         """Cancel the task on Django's connection; ``TaskNotFound`` (nothing run) when no task has this id."""
         queue, _ = self._existing_sync(task_id, queue_name)
         self._sdk_sync(queue).cancel_task(str(validation.task_uuid(task_id)))
 
-    async def retry_task(  # type: ignore[override]
+    async def retry_task(
         self,
         task_id: TaskId,
         *,
@@ -382,7 +393,7 @@ class ProjectAbsurd(AsyncAbsurd):
         """Retry a failed task; ``TaskNotFound`` when no task has this id."""
         validation.max_attempts(max_attempts)
         queue, _ = await self._existing(task_id, queue_name)
-        result = await super().retry_task(
+        result = await (await self.sdk_client()).retry_task(
             str(validation.task_uuid(task_id)), max_attempts=max_attempts, spawn_new=spawn_new, queue_name=queue
         )
         return {**result, "task_id": str(result["task_id"]), "run_id": str(result["run_id"])}
@@ -423,17 +434,24 @@ class ProjectAbsurd(AsyncAbsurd):
         """Async counterpart of ``task_progress_sync``."""
         return await progress.aread_progress(task_id, queue_name)
 
-    async def _execute_task(self, task: ClaimedTask, claim_timeout: int) -> None:
-        """Run a claimed task; the SDK's ``work_batch`` and ``start_worker`` call this too."""
+    async def run_claimed(self, task: ClaimedTask, claim_timeout: int) -> None:
+        """Run a task this client claimed; the SDK's ``work_batch`` and ``start_worker`` call this too."""
         await execute_claimed(self, task, claim_timeout)
 
-    async def work_batch(  # type: ignore[override]
+    async def claim_tasks(
+        self, batch_size: int = 1, claim_timeout: int = 120, worker_id: str = "worker"
+    ) -> list[ClaimedTask]:
+        """absurd-sdk's ``claim_tasks`` on this client's queue."""
+        return await (await self.sdk_client()).claim_tasks(batch_size, claim_timeout, worker_id)
+
+    async def work_batch(
         self, worker_id: str = "worker", claim_timeout: int | None = None, batch_size: int = 1
     ) -> None:
         """absurd-sdk's ``work_batch``, with the lease of ``ABSURD_AGENTS['CLAIM_TIMEOUT']`` by default."""
-        await super().work_batch(worker_id, claim_timeout or conf.get().claim_timeout, batch_size)
+        client = await self.sdk_client()
+        await client.work_batch(worker_id, claim_timeout or conf.get().claim_timeout, batch_size)
 
-    async def start_worker(  # type: ignore[override]
+    async def start_worker(
         self,
         worker_id: str | None = None,
         claim_timeout: int | None = None,
@@ -443,7 +461,8 @@ class ProjectAbsurd(AsyncAbsurd):
     ) -> None:
         """absurd-sdk's ``start_worker`` with ``CLAIM_TIMEOUT`` and ``POLL_INTERVAL`` from settings by default."""
         settings = conf.get()
-        await super().start_worker(
+        client = await self.sdk_client()
+        await client.start_worker(
             worker_id,
             claim_timeout or settings.claim_timeout,
             concurrency,
@@ -451,9 +470,21 @@ class ProjectAbsurd(AsyncAbsurd):
             poll_interval or settings.poll_interval,
         )
 
+    async def create_queue(self, queue_name: str | None = None, **policy: Any) -> None:
+        """absurd-sdk's ``create_queue`` (storage and policy as keywords); ``migrate`` creates the configured ones."""
+        await (await self.sdk_client()).create_queue(self._checked_queue(queue_name), **policy)
+
+    async def drop_queue(self, queue_name: str | None = None) -> None:
+        """absurd-sdk's ``drop_queue``: the queue's tables and everything in them."""
+        await (await self.sdk_client()).drop_queue(self._checked_queue(queue_name))
+
+    async def list_queues(self) -> list[str]:
+        """absurd-sdk's ``list_queues``."""
+        return await (await self.sdk_client()).list_queues()
+
     async def wrap_task_execution(self, ctx: Any, execute: Callable[[], Any]) -> Any:
         """Keep the lease around the handler, inside the project's own ``wrap_task_execution`` hook."""
-        user_hook = self._user_hooks.get("wrap_task_execution")
+        user_hook = self.hooks.get("wrap_task_execution")
         async with keep_lease(ctx):
             if user_hook is None:
                 return await execute()

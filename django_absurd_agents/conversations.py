@@ -111,7 +111,7 @@ def register_chat_agent(
             "each chat agent needs a name of its own: `Agent(..., name='...')`."
         )
     _chat_agents[name] = ChatAgent(agent=agent, deps=deps, previous_turn_recheck=previous_turn_recheck)
-    if TURN_TASK not in sdk.registry(absurd):
+    if TURN_TASK not in absurd.registry:
         absurd.register_task(name=TURN_TASK)(run_turn)
     return agent
 

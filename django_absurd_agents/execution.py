@@ -82,7 +82,7 @@ async def execute_claimed(
     queue = client.queue_name
     lease = Lease(claim_timeout, claimed_at)
     conn = TaskConnection(client.live_connection, lease, f"{task['task_name']} {task['task_id']}")
-    registration = sdk.registry(client).get(task["task_name"])
+    registration = client.registry.get(task["task_name"])
     if registration is None:
         await _put_back_unknown(conn, queue, task)
         return Ended("unknown")

@@ -8,12 +8,13 @@ each touch below says why. A new absurd-sdk minor version is checked against thi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import absurd_sdk
-from absurd_sdk import AsyncAbsurd, AsyncTaskContext, ClaimedTask
+from absurd_sdk import AbsurdHooks, AsyncAbsurd, AsyncTaskContext, ClaimedTask
+from psycopg import AsyncConnection
 
 CHECKED_RANGE = ((0, 5, 1), (0, 6))
 """The absurd-sdk releases every use below was checked against: from the first, below the second.
@@ -59,9 +60,53 @@ def task_state_errors() -> Any:
     return absurd_sdk._task_state_exception_handling()
 
 
-def registry(client: AsyncAbsurd) -> dict[str, dict[str, Any]]:
-    """Task name -> registration (``queue``, ``handler``, defaults). Private ``_registry`` (0.5.1): no accessor."""
-    return client._registry
+class BoundAbsurd(AsyncAbsurd):
+    """absurd-sdk's own client for one queue, on a connection the project keeps alive.
+
+    Built through ``AsyncAbsurd.__init__`` (the SDK sets its state as it always does), then given
+    the project's registrations, its way of running a claimed task and of reaching the database;
+    ``client.ProjectAbsurd`` builds one per event loop and queue on first use.
+    """
+
+    def __init__(
+        self,
+        live_connection: Callable[[], Awaitable[AsyncConnection[Any]]],
+        connection: AsyncConnection[Any],
+        *,
+        queue_name: str,
+        default_max_attempts: int,
+        hooks: AbsurdHooks,
+        registry: Mapping[str, dict[str, Any]],
+        execute: Callable[[ClaimedTask, int], Awaitable[Any]],
+    ) -> None:
+        super().__init__(connection, queue_name=queue_name, default_max_attempts=default_max_attempts, hooks=hooks)
+        # Private ``_registry`` (0.5.1): what ``register_task`` fills; the project's registrations are
+        # kept outside any one client (they are made at import time) and shared by all of them.
+        self._registry = registry  # type: ignore[assignment]  # a TaskRegistry: a dict's get, plus resolvers
+        self._live_connection = live_connection
+        self._execute = execute
+
+    async def _ensure_connected(self) -> None:
+        """Private hook (0.5.1): every SDK call awaits it before using ``_conn``; here it also swaps a
+        connection broken by a database restart for a live one, so a ``start_worker`` loop survives it."""
+        self._conn = await self._live_connection()
+
+    async def _execute_task(self, task: ClaimedTask, claim_timeout: int) -> None:
+        """Private hook (0.5.1): ``work_batch`` and ``start_worker`` run each claimed task through it."""
+        await self._execute(task, claim_timeout)
+
+
+def registration(
+    name: str, queue: str, default_max_attempts: int | None, default_cancellation: Any, handler: Any
+) -> dict[str, Any]:
+    """A task's registration as absurd-sdk's ``register_task`` records it in ``_registry`` (0.5.1)."""
+    return {
+        "name": name,
+        "queue": queue,
+        "default_max_attempts": default_max_attempts,
+        "default_cancellation": default_cancellation,
+        "handler": handler,
+    }
 
 
 def checkpoint_name(ctx: AsyncTaskContext, step: str) -> str:

@@ -61,6 +61,6 @@ class DjangoConnection:
         return _DjangoCursor(tables.connection().cursor(), by_name=row_factory is not None)
 
 
-def sdk_client(queue: str, hooks: AbsurdHooks | None = None) -> Absurd:
+def client(queue: str, hooks: AbsurdHooks | None = None) -> Absurd:
     """absurd-sdk's sync client for ``queue`` on Django's connection (it opens nothing of its own)."""
     return Absurd(cast("Connection[Any]", DjangoConnection()), queue_name=queue, hooks=hooks)

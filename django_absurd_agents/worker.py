@@ -31,7 +31,7 @@ import psycopg
 from absurd_sdk import ClaimedTask
 from django.utils import timezone
 
-from django_absurd_agents import conf, schedules, sdk, worker_record
+from django_absurd_agents import conf, schedules, worker_record
 from django_absurd_agents.client import ProjectAbsurd, absurd
 from django_absurd_agents.exceptions import WorkerError
 from django_absurd_agents.execution import execute_claimed
@@ -175,7 +175,7 @@ class Worker:
         try:
             if not await self._wait_for_database():
                 return 0
-            log_banner(self.config, sdk.registry(self.app))
+            log_banner(self.config, self.app.registry)
             background = self._start_background()
             await asyncio.gather(*(self._claim_loop(queue) for queue in self._queues))
             if self._exhausted() and not self._stopping:

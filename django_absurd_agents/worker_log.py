@@ -8,6 +8,7 @@ that want them structured.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from absurd_sdk import ClaimedTask
@@ -84,7 +85,7 @@ def log_unrecorded(task: ClaimedTask, queue: str, exc: BaseException, duration: 
     )
 
 
-def log_banner(config: WorkerConfig, registry: dict[str, dict[str, Any]]) -> None:
+def log_banner(config: WorkerConfig, registry: Mapping[str, dict[str, Any]]) -> None:
     """What the worker serves, which tasks it knows, and queues nothing is registered for."""
     served = set(config.queues)
     by_queue: dict[str, list[str]] = {q: [] for q in config.queues}

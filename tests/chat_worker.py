@@ -23,7 +23,7 @@ async def serve() -> None:
     stop_file = os.environ["WORKER_STOP_FILE"]
     ready_file = os.environ.get("WORKER_READY_FILE")
     if ready_file:
-        await client._ensure_connected()
+        await client.live_connection()
         with open(ready_file, "w") as f:
             f.write(str(os.getpid()))
     deadline = time.monotonic() + float(os.environ.get("WORKER_LIFETIME", "120"))
@@ -36,7 +36,7 @@ async def serve() -> None:
                 await asyncio.sleep(0.05)
                 continue
             for task in tasks:
-                await client._execute_task(task, claim_timeout)
+                await client.run_claimed(task, claim_timeout)
     finally:
         await client.close()
 

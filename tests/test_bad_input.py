@@ -141,7 +141,7 @@ def work_until(done: Callable[[], bool], timeout: float = 20.0, claim_timeout: i
                     raise AssertionError(f"not done after {timeout}s")
                 claimed = await absurd.claim_tasks(batch_size=8, claim_timeout=claim_timeout, worker_id="bad-input")
                 for task in claimed:
-                    await absurd._execute_task(task, claim_timeout)
+                    await absurd.run_claimed(task, claim_timeout)
                 if not claimed:
                     await asyncio.sleep(0.02)
         finally:
@@ -375,7 +375,7 @@ async def test_cancel_during_a_model_call_stops_it_and_records_no_checkpoint(pro
     bystander = await project_absurd.spawn("bad_echo", {"bystander": 1})
     claimed = await project_absurd.claim_tasks(batch_size=1, claim_timeout=1, worker_id="bad-input")
     assert [task["task_name"] for task in claimed] == ["bad_slow_model"]
-    execution = asyncio.create_task(project_absurd._execute_task(claimed[0], 1))
+    execution = asyncio.create_task(project_absurd.run_claimed(claimed[0], 1))
     deadline = time.monotonic() + 10
     while not model_started.is_set():
         assert time.monotonic() < deadline, "the model call did not start"

@@ -165,3 +165,27 @@ def test_sync_calls_are_absurd_sdks_own_on_djangos_connection(clean_queues: None
     with connection.cursor() as cursor:
         cursor.execute("select count(*) from absurd.e_agents where event_name = 'approval:7'")
         assert cursor.fetchone()[0] == 0
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_sdk_client_is_built_on_first_use_through_asyncabsurds_own_init(settings: Any) -> None:
+    """``ProjectAbsurd()`` holds registrations and hooks only; the SDK's client comes on first use, per loop."""
+    from absurd_sdk import AsyncAbsurd
+
+    app = ProjectAbsurd()  # as at import time: no settings read, no connection opened
+    assert not app.connected
+    first = await app.sdk_client()
+    assert isinstance(first, AsyncAbsurd) and app.connected
+    # State only AsyncAbsurd.__init__ sets: the connection handed to it, not owned by it.
+    assert (first._conn_string, first._owned_conn, first._queue_name) == (None, False, "agents")
+    assert first._conn is await app.live_connection()
+    assert await app.sdk_client() is first
+    other = app.for_queue("other")
+    assert (await other.sdk_client())._queue_name == "other"
+    await other.close()
+
+    settings.ABSURD_AGENTS = {**settings.ABSURD_AGENTS, "DEFAULT_MAX_ATTEMPTS": 3}
+    changed = await app.sdk_client()
+    assert changed is not first and changed._default_max_attempts == 3
+    await app.close()
+    assert not app.connected

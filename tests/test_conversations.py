@@ -66,7 +66,7 @@ def drive(until: Callable[[], bool], timeout: float = 30.0, newest_first: bool =
                     raise AssertionError(f"not done after {timeout} s")
                 claimed = await absurd.claim_tasks(batch_size=8, claim_timeout=10, worker_id="test")
                 for task in reversed(claimed) if newest_first else claimed:
-                    await absurd._execute_task(task, 10)
+                    await absurd.run_claimed(task, 10)
         finally:
             await absurd.close()
 
@@ -169,7 +169,7 @@ def test_a_waiting_turn_rechecks_an_earlier_turn_that_never_reports() -> None:
         try:
             for task in await absurd.claim_tasks(batch_size=8, claim_timeout=30, worker_id="test"):
                 if str(task["task_id"]) == str(second.task_id):
-                    await absurd._execute_task(task, 30)
+                    await absurd.run_claimed(task, 30)
         finally:
             await absurd.close()
 
@@ -315,7 +315,7 @@ def test_register_chat_agent_refuses_a_plain_agent_and_a_second_agent_of_a_name(
     with pytest.raises(ImproperlyConfigured, match="already registered as 'counter'"):
         register_chat_agent(twin)
     assert register_chat_agent(chat_agents.counter, previous_turn_recheck=2) is chat_agents.counter
-    assert TURN_TASK in absurd._registry
+    assert TURN_TASK in absurd.registry
 
 
 # --- owners and deletion ------------------------------------------------------------------------

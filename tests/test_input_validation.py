@@ -217,7 +217,7 @@ def work_until(done: Callable[[], bool], client: ProjectAbsurd = absurd, timeout
                     raise AssertionError(f"not done after {timeout}s")
                 claimed = await client.claim_tasks(batch_size=4, claim_timeout=10, worker_id="input-validation")
                 for task in claimed:
-                    await client._execute_task(task, 10)
+                    await client.run_claimed(task, 10)
                 if not claimed:
                     await asyncio.sleep(0.02)
         finally:
@@ -507,7 +507,7 @@ def test_register_task_refuses_a_blank_name_and_zero_attempts() -> None:
         app.register_task("  ")
     with pytest.raises(InvalidParams, match="default_max_attempts must be at least 1"):
         app.register_task("iv_zero", default_max_attempts=0)
-    assert app._registry == {}
+    assert app.registry == {}
 
 
 @pytest.mark.parametrize("name", ["", None])

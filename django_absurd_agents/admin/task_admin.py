@@ -25,7 +25,7 @@ from django.urls import NoReverseMatch, URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.http import urlencode
 
-from django_absurd_agents import conf, sdk
+from django_absurd_agents import conf
 from django_absurd_agents.admin.base import (
     TEMPLATE_DIR,
     URL_PREFIX,
@@ -132,7 +132,7 @@ class AbsurdTaskAdmin(AbsurdTaskBulkActions):
     def _filter_context(
         self, request: HttpRequest, query: ListQuery, queues: list[str], missing_queue: str | None
     ) -> dict[str, Any]:
-        known = [*sdk.registry(absurd), *conf.get().task_routes]
+        known = [*absurd.registry, *conf.get().task_routes]
         names = task_names([query.queue] if query.queue and not missing_queue else None, known=known, present=queues)
         task_name = query.filters.task_name
         if task_name and task_name not in names:

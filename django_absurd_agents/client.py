@@ -288,14 +288,13 @@ class ProjectAbsurd:
 
             changed = async_to_sync(hook)()
         args = self._prepare(task_name, params, **{**dict.fromkeys(options), **changed})
-        with tables.connection().cursor() as cursor:
-            try:
-                cursor.execute(spawning.SPAWN_SQL, (args[0], *args))
-            except DatabaseError as exc:
-                if spawning.is_missing_queue(exc):
-                    raise validation.unknown_queue(args[0]) from exc
-                raise
-            return spawning.spawned(_named(cursor) or {})
+        try:
+            (row,) = tables.rows(spawning.SPAWN_SQL, (args[0], *args))
+        except DatabaseError as exc:
+            if spawning.is_missing_queue(exc):
+                raise validation.unknown_queue(args[0]) from exc
+            raise
+        return spawning.spawned(row)
 
     def _sdk_sync(self, queue: str) -> Absurd:
         """absurd-sdk's own sync client for ``queue``, on Django's connection (``sync_client``)."""
@@ -396,7 +395,7 @@ class ProjectAbsurd:
         result = await (await self.sdk_client()).retry_task(
             str(validation.task_uuid(task_id)), max_attempts=max_attempts, spawn_new=spawn_new, queue_name=queue
         )
-        return {**result, "task_id": str(result["task_id"]), "run_id": str(result["run_id"])}
+        return _ids_as_text(result)
 
     def retry_task_sync(
         self,
@@ -412,7 +411,7 @@ class ProjectAbsurd:
         result = self._sdk_sync(queue).retry_task(
             str(validation.task_uuid(task_id)), max_attempts=max_attempts, spawn_new=spawn_new
         )
-        return {**result, "task_id": str(result["task_id"]), "run_id": str(result["run_id"])}
+        return _ids_as_text(result)
 
     def stream_events(self, task_id: TaskId, after: int | None = None) -> AsyncIterator[LoggedEvent]:
         """The task's event log after offset ``after``, live, ending with an ``end`` entry once the task is over."""
@@ -492,10 +491,9 @@ class ProjectAbsurd:
             return await result if asyncio.iscoroutine(result) else result
 
 
-def _named(cursor: Any) -> dict[str, Any] | None:
-    """The next row of a Django cursor, by column name."""
-    row = cursor.fetchone()
-    return None if row is None else dict(zip([column.name for column in cursor.description], row, strict=True))
+def _ids_as_text(result: RetryTaskResult) -> RetryTaskResult:
+    """A retry's result with its ids as strings, like every id the client returns."""
+    return {**result, "task_id": str(result["task_id"]), "run_id": str(result["run_id"])}
 
 
 def encode_json(value: Any, *, what: str = "Task params", limit: int | None = None) -> str:

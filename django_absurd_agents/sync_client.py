@@ -15,7 +15,6 @@ and ``retry_task`` use (checked against absurd-sdk 0.5.1, the range ``sdk.py`` i
 
 from __future__ import annotations
 
-import json
 from typing import Any, cast
 
 from absurd_sdk import Absurd, AbsurdHooks
@@ -23,42 +22,36 @@ from psycopg import Connection
 
 from django_absurd_agents import tables
 
-_JSON_TYPES = frozenset({114, 3802})
-"""Type OIDs of json and jsonb (PostgreSQL's catalog; fixed since 9.4)."""
-
 
 class _DjangoCursor:
-    """The slice of a psycopg cursor absurd-sdk's sync client uses, on a Django cursor."""
+    """The slice of a psycopg cursor absurd-sdk's sync client uses, on a Django cursor.
 
-    def __init__(self, cursor: Any, by_name: bool) -> None:
+    Every statement the SDK sends is a SELECT, so its rows are read at once, by name and with json
+    decoded (``tables.fetch``), whatever row factory the SDK asked for: it asks for dict_row (0.5.1)
+    wherever it reads a row.
+    """
+
+    def __init__(self, cursor: Any) -> None:
         self._cursor = cursor
-        self._by_name = by_name
+        self._rows: list[dict[str, Any]] = []
 
     def execute(self, query: str, params: Any = None) -> _DjangoCursor:
-        self._cursor.execute(query, params)
+        self._rows = tables.fetch(self._cursor, query, params or ())
         return self
 
-    def _row(self, row: Any) -> Any:
-        if row is None or not self._by_name:
-            return row
-        return {
-            column.name: json.loads(value) if column.type_code in _JSON_TYPES and isinstance(value, str) else value
-            for column, value in zip(self._cursor.description, row, strict=True)
-        }
+    def fetchone(self) -> dict[str, Any] | None:
+        return self._rows.pop(0) if self._rows else None
 
-    def fetchone(self) -> Any:
-        return self._row(self._cursor.fetchone())
-
-    def fetchall(self) -> list[Any]:
-        return [self._row(row) for row in self._cursor.fetchall()]
+    def fetchall(self) -> list[dict[str, Any]]:
+        found, self._rows = self._rows, []
+        return found
 
 
 class DjangoConnection:
     """What absurd-sdk's ``Absurd`` calls on its connection (``cursor``), answered by Django's connection."""
 
     def cursor(self, row_factory: Any = None) -> _DjangoCursor:
-        # Any row factory the SDK asks for is its dict_row (0.5.1): rows by column name.
-        return _DjangoCursor(tables.connection().cursor(), by_name=row_factory is not None)
+        return _DjangoCursor(tables.connection().cursor())
 
 
 def client(queue: str, hooks: AbsurdHooks | None = None) -> Absurd:

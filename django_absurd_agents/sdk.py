@@ -1,9 +1,10 @@
 """Every use of absurd-sdk's private API, in one place (checked against absurd-sdk 0.5.1).
 
 absurd-sdk has no public way to run one claimed task on a connection of our choosing, to read a
-task context's claim, or to list a client's registrations. We need all three (``execution.py``
-writes through a connection that survives restarts; leases are renewed from the claim timeout);
-each touch below says why. A new absurd-sdk minor version is checked against this module first.
+task context's claim, or to give a client registrations made before it existed. We need all three
+(``execution.py`` writes through a connection that survives restarts; leases are renewed from the
+claim timeout; ``absurd`` registers tasks at import time, before settings say which client to
+build: ``BoundAbsurd``); each touch below says why. A new absurd-sdk minor version is checked against this module first.
 """
 
 from __future__ import annotations

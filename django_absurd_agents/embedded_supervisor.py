@@ -1,26 +1,17 @@
 """The supervisor of one embedded PostgreSQL: it runs the server and stops it once no process uses it.
 
-Why a process of its own: the server belongs to every process that uses it (the site, its workers,
-a shell, a test run), not to whichever started it first, so none of them can be its parent and stop
-it at exit. Each user holds a shared ``flock`` on ``.users.lock`` for as long as it lives; the
-kernel drops it however the process ends, ``kill -9`` included. This process waits for an exclusive
-lock on the same file, which it gets exactly when the last user is gone, then fast-shuts-down the
-server (SIGINT: clients are disconnected, shared memory is removed, the next start needs no
-recovery) and exits. Nothing polls: the wait is one blocking ``flock`` call.
-
-It is the server's parent and arms the parent-death signal (Linux), so a supervisor that is killed
-takes the server with it instead of leaving an orphan. It detaches from its starter (fork, then
-``setsid``): the starter may be killed, and a Ctrl-C meant for the starter's terminal must not reach
-it. When the server exits by itself (``python -m django_absurd_agents.embedded stop``, a crash, a
-failed start) the SIGCHLD handler interrupts the wait and the supervisor exits too, after writing
-the server's status to the starter's pipe.
-
-Every start waits for this process, so it is built to start fast (about 10 ms): it runs as a file
-with ``python -I -S``, imports only the standard library, and forks the server before importing
-anything the server does not need (see :func:`_supervise`).
+Every user of the server holds a shared ``flock`` on ``.users.lock`` while it lives (the kernel drops
+it however the process ends, ``kill -9`` included). This process blocks for an exclusive lock on the
+same file, which it gets exactly when the last user is gone, then fast-shuts-down the server (SIGINT:
+clients disconnected, shared memory removed, no recovery at the next start) and exits. It is the
+server's parent and arms the parent-death signal, so a killed supervisor takes the server along. It
+detaches from its starter (fork, ``setsid``), which may be killed or get the terminal's Ctrl-C. When
+the server exits by itself, SIGCHLD interrupts the wait and the supervisor writes the server's status
+to the starter's pipe and exits. Every start waits for it, so it starts in about 10 ms: run as a file
+with ``python -I -S``, standard library only, the server forked before anything else is imported.
 
 Usage: ``embedded_supervisor.py USERS_LOCK STATUS_FD UID GID GROUPS -- POSTGRES [ARG...]``; ``UID``
-and ``GID`` are -1 to keep ours, ``GROUPS`` a comma-separated list of supplementary group ids.
+and ``GID`` are -1 to keep ours, ``GROUPS`` a comma-separated list of group ids.
 """
 
 from __future__ import annotations
@@ -70,9 +61,8 @@ def _report(status_fd: int, text: str) -> None:
 def _supervise(pid: int, users_lock: str, status_fd: int) -> int:
     """Wait until the server exits by itself (return 1) or its last user is gone (stop it, return 0).
 
-    ``signal`` is imported here, once the server is forked: it pulls in ``enum`` and ``functools``,
-    about 5 ms that the server's start does not wait for. A server that exited before the handler
-    was installed is caught by the ``WNOHANG`` look that follows it.
+    ``signal`` (5 ms of imports) comes once the server is forked; a server that exited before the
+    handler was installed is caught by the ``WNOHANG`` look that follows.
     """
     import signal
 

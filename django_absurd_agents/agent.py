@@ -71,9 +71,8 @@ class AbsurdAgent(WrapperAgent[Any, Any]):
         self._models = {
             key: infer_model(value) if isinstance(value, str) else value for key, value in (models or {}).items()
         }
-        models = self._models
         self.durability: AbsurdDurability[Any] = AbsurdDurability(
-            models=models, event_stream_handler=event_stream_handler, name=agent_name, event_log=event_log
+            models=self._models, event_stream_handler=event_stream_handler, name=agent_name, event_log=event_log
         )
 
     @property

@@ -356,13 +356,7 @@ def _resolve(name: str, queue: str) -> Registration | None:
     """A registration running the ``@task`` at ``name`` for ``queue`` (``registry.RESOLVERS``)."""
     if "." not in name or import_task(name) is None:
         return None
-    return {
-        "name": name,
-        "queue": queue,
-        "default_max_attempts": None,
-        "default_cancellation": None,
-        "handler": run_django_task,
-    }
+    return sdk.registration(name, queue, None, None, run_django_task)
 
 
 RESOLVERS.append(_resolve)

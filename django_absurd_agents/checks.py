@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.checks import Error, Tags, Warning, register
+from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError, connections
 
-from django_absurd_agents import conf, schema
+from django_absurd_agents import conf, schema, webhooks
 
 
 @register(Tags.compatibility)
@@ -126,10 +127,6 @@ def _unapplied_migrations(connection: Any) -> list[str]:
 
 @register(Tags.compatibility)
 def check_webhooks(app_configs: Any = None, **kwargs: Any) -> list[Error | Warning]:
-    from django.core.exceptions import ImproperlyConfigured
-
-    from django_absurd_agents import webhooks
-
     errors: list[Error | Warning] = []
     try:
         names = list(webhooks.hooks())

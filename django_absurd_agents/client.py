@@ -37,7 +37,7 @@ from absurd_sdk import (
     RetryTaskResult,
     TaskResultSnapshot,
 )
-from asgiref.sync import async_to_sync
+from asgiref.sync import async_to_sync, sync_to_async
 from django.db import DatabaseError
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
@@ -431,7 +431,7 @@ class ProjectAbsurd:
 
     async def task_progress(self, task_id: TaskId, queue_name: str | None = None) -> progress.TaskProgress | None:
         """Async counterpart of ``task_progress_sync``."""
-        return await progress.aread_progress(task_id, queue_name)
+        return await sync_to_async(self.task_progress_sync)(task_id, queue_name)
 
     async def run_claimed(self, task: ClaimedTask, claim_timeout: int) -> None:
         """Run a task this client claimed; the SDK's ``work_batch`` and ``start_worker`` call this too."""

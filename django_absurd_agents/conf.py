@@ -7,6 +7,7 @@ check (``absurd_agents.E005``) so that a typo does not silently fall back to a d
 from __future__ import annotations
 
 import datetime
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -263,23 +264,19 @@ class AgentsSettings:
         return self.task_routes.get(task_name, self.default_queue)
 
 
-_cache: list[AgentsSettings] = []
+@functools.cache
+def get() -> AgentsSettings:
+    """The effective settings: defaults overlaid with ``settings.ABSURD_AGENTS`` (cached; tests'
+    ``override_settings`` clears the cache)."""
+    return _build()
 
 
 def _clear_cache(*, setting: str, **kwargs: Any) -> None:
     if setting == "ABSURD_AGENTS":
-        _cache.clear()
+        get.cache_clear()
 
 
 setting_changed.connect(_clear_cache, dispatch_uid="absurd_agents_conf_cache")
-
-
-def get() -> AgentsSettings:
-    """The effective settings: defaults overlaid with ``settings.ABSURD_AGENTS`` (cached; tests'
-    ``override_settings`` clears the cache)."""
-    if not _cache:
-        _cache.append(_build())
-    return _cache[0]
 
 
 def _build() -> AgentsSettings:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from absurd_sdk import AsyncTaskContext, StepHandle, get_current_context
+from absurd_sdk import AsyncTaskContext, StepHandle
 from pydantic_ai.agent import AbstractAgent, EventStreamHandler
 from pydantic_ai.capabilities import Instrumentation
 from pydantic_ai.capabilities.abstract import AbstractCapability, CapabilityOrdering, WrapRunHandler
@@ -43,7 +43,9 @@ from pydantic_core import PydanticSerializationError
 
 from django_absurd_agents import durable_sleep, sdk
 from django_absurd_agents import event_log as log
+from django_absurd_agents.event_log import current_task_context
 from django_absurd_agents.exceptions import UnrecordableStepResult
+from django_absurd_agents.external_events import AbsurdEventWaiter
 from django_absurd_agents.jsonsafe import find_problem
 from django_absurd_agents.lease import keep_lease, lease_kept
 from django_absurd_agents.task_context import make_last_attempt
@@ -52,12 +54,6 @@ __all__ = ["AbsurdDurability", "AbsurdOperationBackend", "UnrecordableStepResult
 
 _run_counters: weakref.WeakKeyDictionary[AsyncTaskContext, dict[str, int]] = weakref.WeakKeyDictionary()
 """Agent runs started so far in each task attempt, per agent name: gives replay-stable run ids."""
-
-
-def current_task_context() -> AsyncTaskContext | None:
-    """The Absurd task being executed by this asyncio task, if any (and if it is async)."""
-    ctx = get_current_context()
-    return ctx if isinstance(ctx, AsyncTaskContext) else None
 
 
 def _require_context(what: str) -> AsyncTaskContext:
@@ -279,8 +275,6 @@ class AbsurdDurability(BaseDurabilityCapability[AgentDepsT]):
         task = current_task_context()
         if task is None:
             return await super().wrap_run(ctx, handler=handler)
-        from django_absurd_agents.external_events import AbsurdEventWaiter
-
         # replay_scope() is opened by AbsurdReplayScope, outside the run span: a second scope here
         # would start a fresh tally that the run span never hears from.
         # Waits between polls of a background model job are durable sleeps: the task frees its slot.

@@ -334,7 +334,8 @@ def writer_for(ctx: AsyncTaskContext) -> EventLogWriter:
     return writer
 
 
-def _task_context() -> AsyncTaskContext | None:
+def current_task_context() -> AsyncTaskContext | None:
+    """The Absurd task being executed by this asyncio task, if any (and if it is async)."""
     ctx = get_current_context()
     return ctx if isinstance(ctx, AsyncTaskContext) else None
 
@@ -347,7 +348,7 @@ def model_step_handler(handler: EventStreamHandler[Any] | None) -> EventStreamHa
     """
 
     async def logging_handler(run_context: RunContext[Any], stream: AsyncIterable[Any]) -> None:
-        ctx = _task_context()
+        ctx = current_task_context()
         if ctx is None:
             if handler is not None:
                 await handler(run_context, stream)

@@ -29,8 +29,10 @@ from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
 
 from django_absurd_agents import event_log, tables, validation
+from django_absurd_agents.client import absurd
 from django_absurd_agents.event_log import ATTEMPT, CHANNEL, EVENT_ADAPTER, RESULT_ADAPTER
 from django_absurd_agents.tables import FINISHED_STATES, table
+from django_absurd_agents.wakeup import listen_params  # DIRECT_DATABASE_URL behind PgBouncer
 
 logger = logging.getLogger("django_absurd_agents.event_stream")
 
@@ -135,8 +137,6 @@ def events_sync(task_id: Any, after: int | str | None = None) -> list[LoggedEven
 
     For scripts and tests; reads on Django's connection. ``TaskNotFound`` when no queue has the task.
     """
-    from django_absurd_agents.client import absurd
-
     identifier = validation.task_uuid(task_id)
     position = _checked_after(after)
     located = absurd.locate_task_sync(identifier)
@@ -250,8 +250,6 @@ class _Listener:
                 event.set()
 
     async def _listen(self) -> None:
-        from django_absurd_agents.wakeup import listen_params  # DIRECT_DATABASE_URL behind PgBouncer
-
         failures = 0
         while True:
             try:
@@ -302,8 +300,6 @@ async def _state(conn: AsyncConnection[Any], queue: str, identifier: uuid.UUID) 
 
 async def _queue_of(task_id: Any, identifier: uuid.UUID) -> str:
     """The queue of the task, or ``TaskNotFound``."""
-    from django_absurd_agents.client import absurd
-
     located = await absurd.locate_task(identifier)
     if located is None:
         raise validation.not_found(task_id, None)
@@ -318,8 +314,6 @@ async def follow(
     ``queue`` is the task's queue when the caller has located the task already (the SSE view does,
     to answer 404 before streaming); otherwise the task is located here.
     """
-    from django_absurd_agents.client import absurd
-
     identifier = validation.task_uuid(task_id)
     position = _checked_after(after)
     if queue is None:
@@ -384,8 +378,6 @@ async def stream_events(task_id: Any, after: int | str | None = None) -> AsyncIt
 
 def iterate_in_own_loop(make: Any) -> Iterator[Any]:
     """Drive the async iterator ``make()`` from sync code (a WSGI response), in an event loop of its own."""
-    from django_absurd_agents.client import absurd
-
     loop = asyncio.new_event_loop()
     iterator = make()
     try:

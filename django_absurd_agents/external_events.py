@@ -25,6 +25,7 @@ from pydantic_ai.durable_exec import ExternalEventError, ExternalEventWaiter
 from pydantic_ai.exceptions import UserError
 
 from django_absurd_agents import sdk
+from django_absurd_agents.client import absurd
 
 TOKEN_PREFIX = "absurd-event"
 
@@ -100,31 +101,23 @@ def resolve_external_event_sync(token: str, payload: Any) -> None:
     ``RequestInput`` wait the payload is the JSON form of ``DeferredToolResults``, e.g.
     ``{"approvals": {"<tool_call_id>": True}}``. The first resolution wins; later ones are ignored.
     """
-    from django_absurd_agents.client import absurd
-
     queue, event_name = parse_token(token)
     absurd.emit_event_sync(event_name, {"ok": True, "payload": payload}, queue_name=queue)
 
 
 def fail_external_event_sync(token: str, reason: str) -> None:
     """End the wait on ``token`` without an answer: the run sees ``ExternalEventError(reason)``."""
-    from django_absurd_agents.client import absurd
-
     queue, event_name = parse_token(token)
     absurd.emit_event_sync(event_name, {"ok": False, "reason": reason}, queue_name=queue)
 
 
 async def resolve_external_event(token: str, payload: Any) -> None:
     """Async counterpart of ``resolve_external_event_sync`` (on the client's own connection)."""
-    from django_absurd_agents.client import absurd
-
     queue, event_name = parse_token(token)
     await absurd.emit_event(event_name, {"ok": True, "payload": payload}, queue_name=queue)
 
 
 async def fail_external_event(token: str, reason: str) -> None:
     """Async counterpart of ``fail_external_event_sync``."""
-    from django_absurd_agents.client import absurd
-
     queue, event_name = parse_token(token)
     await absurd.emit_event(event_name, {"ok": False, "reason": reason}, queue_name=queue)

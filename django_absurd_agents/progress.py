@@ -19,8 +19,6 @@ import datetime
 from dataclasses import dataclass
 from typing import Any
 
-from asgiref.sync import sync_to_async
-
 from django_absurd_agents import conf, validation
 from django_absurd_agents.steps import Step, decode_steps
 from django_absurd_agents.tables import FINISHED_STATES, locate_task
@@ -164,8 +162,3 @@ def read_progress(task_id: object, queue_name: str | None = None) -> TaskProgres
         return None
     detail = task_detail(located[0], identifier)
     return None if detail is None else progress_of(detail)
-
-
-async def aread_progress(task_id: object, queue_name: str | None = None) -> TaskProgress | None:
-    """``read_progress`` from async code (on Django's connection, in its thread for database work)."""
-    return await sync_to_async(read_progress)(task_id, queue_name)

@@ -95,7 +95,6 @@ class TaskConnection:
         self._connect = connect
         self.lease = lease
         self.label = label
-        self.reconnects = 0
 
     def cursor(self, *args: Any, **kwargs: Any) -> RetryingCursor:
         return RetryingCursor(self, args, kwargs)
@@ -129,7 +128,6 @@ class TaskConnection:
                         max(self.lease.remaining(), 0),
                         PAST_LEASE,
                     )
-                self.reconnects += 1
                 await asyncio.sleep(delay)
 
 

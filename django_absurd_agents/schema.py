@@ -13,9 +13,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import absurdctl
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management.base import CommandError
 from django.db import DatabaseError, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
+from django_absurd_agents import conf
 from django_absurd_agents.exceptions import QueueStorageError, SchemaVersionError
 from django_absurd_agents.tables import fetch
 
@@ -157,10 +160,6 @@ def refuse_schema_drop(sender: Any, plan: Any = None, **kwargs: Any) -> None:
     later migrations first, each in its own transaction, and would drop their tables (conversations)
     before reaching 0001 and refusing.
     """
-    from django.core.management.base import CommandError
-
-    from django_absurd_agents import conf
-
     if conf.get().allow_schema_drop:
         return
     for migration, backwards in plan or ():
@@ -203,10 +202,6 @@ def provision_queues(connection: BaseDatabaseWrapper, queues: Iterable[str]) -> 
     until the transaction ends, keeps two deploys that migrate at once from racing on the catalog; the
     second one waits, then finds the queues present.
     """
-    from django.core.exceptions import ImproperlyConfigured
-
-    from django_absurd_agents import conf
-
     settings = conf.get()
     if settings.queue_problems:
         raise ImproperlyConfigured(" ".join(settings.queue_problems))

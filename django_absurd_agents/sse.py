@@ -20,7 +20,7 @@ from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
-from django_absurd_agents import validation
+from django_absurd_agents.client import absurd
 from django_absurd_agents.event_stream import END, LoggedEvent, follow, iterate_in_own_loop
 
 KEEPALIVE_SECONDS = 15.0
@@ -70,12 +70,8 @@ async def task_events_response(request: HttpRequest, task_id: str) -> HttpRespon
     after = resume_offset(request)
     if isinstance(after, HttpResponse):
         return after
-    from django_absurd_agents.client import absurd
-
     try:
         located = await absurd.locate_task(task_id)
-    except validation.TaskNotFound:
-        located = None
     finally:
         if not isinstance(request, ASGIRequest):  # this loop ends with the view (WSGI): close its connection
             await absurd.close()

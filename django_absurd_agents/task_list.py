@@ -210,14 +210,14 @@ def task_page(
     return over_queues(filters.queues or None, run, present=present)
 
 
-def _estimated_rows(queues: Iterable[str], prefix: str = "t") -> dict[str, float]:
+def _estimated_rows(queues: Iterable[str]) -> dict[str, float]:
     """The planner's row estimate of each queue's table (-1 when the table was never analysed).
 
     Like the planner, the density measured by the last ANALYZE is scaled to the table's current size,
     so a table that grew since is not under-counted. A partitioned queue's table holds no rows itself:
     its estimate is the sum of its partitions' (an empty partition never analysed counts 0).
     """
-    names = [f"{prefix}_{queue}" for queue in queues]
+    names = [f"t_{queue}" for queue in queues]
     found = rows(
         "select p.relname, case when min(e.estimate) < 0 then -1 else sum(e.estimate) end as estimate "
         "from pg_class p join pg_namespace n on n.oid = p.relnamespace "
@@ -230,7 +230,7 @@ def _estimated_rows(queues: Iterable[str], prefix: str = "t") -> dict[str, float
         [names],
     )
     by_name = {row["relname"]: float(row["estimate"]) for row in found}
-    return {queue: by_name.get(f"{prefix}_{queue}", -1.0) for queue in queues}
+    return {queue: by_name.get(f"t_{queue}", -1.0) for queue in queues}
 
 
 def _fill_total(page: TaskPage, filters: TaskFilters, queues: list[str]) -> None:

@@ -18,11 +18,6 @@ from asgiref.sync import SyncToAsync, ThreadSensitiveContext, sync_to_async
 from django.db import connections
 from pydantic_ai import Agent
 
-
-def _close_connections() -> None:
-    connections.close_all()
-
-
 # Recent asgiref lets a ThreadSensitiveContext run on an executor the caller owns; older ones start their own thread.
 _CONTEXT_TAKES_EXECUTOR = "executor" in inspect.signature(ThreadSensitiveContext.__init__).parameters
 
@@ -56,8 +51,8 @@ async def on_task_thread[T](run: Callable[[], Awaitable[T]]) -> T:
                     return await run()
             finally:
                 if thread.used:
-                    await asyncio.get_running_loop().run_in_executor(thread, _close_connections)
+                    await asyncio.get_running_loop().run_in_executor(thread, connections.close_all)
                 if not _CONTEXT_TAKES_EXECUTOR and thread_context in SyncToAsync.context_to_thread_executor:
-                    await sync_to_async(_close_connections)()
+                    await sync_to_async(connections.close_all)()
     finally:
         thread.shutdown(wait=False)

@@ -22,7 +22,7 @@ from typing import Any
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.http.response import HttpResponseBase
-from pydantic_ai.messages import CustomEvent, PartDeltaEvent, PartEndEvent, PartStartEvent
+from pydantic_ai.messages import CustomEvent, PartDeltaEvent, PartEndEvent, PartStartEvent, TextPart
 from pydantic_ai.ui import UIEventStream
 
 from django_absurd_agents.conversation_entries import database_alias
@@ -177,8 +177,6 @@ async def native_events(task_id: str, after: int | None, turn: Any) -> AsyncIter
 
 
 async def _stored_answer(turn: Any) -> AsyncIterator[Any]:
-    from pydantic_ai.messages import TextPart
-
     await turn.arefresh_from_db(using=database_alias())
     output = turn.output
     text = output if isinstance(output, str) else json.dumps(output)

@@ -18,6 +18,8 @@ from django.utils.module_loading import autodiscover_modules
 
 from django_absurd_agents import conf, schedules
 from django_absurd_agents.exceptions import WorkerError
+from django_absurd_agents.extras import missing_provider
+from django_absurd_agents.registry import load_resolvers
 from django_absurd_agents.worker_log import one_line
 
 MAX_CONCURRENCY = 10_000
@@ -138,9 +140,6 @@ def discover_tasks(extra_modules: Iterable[str] | None = None) -> None:
     Registration happens at import time (``@absurd.register_task``), so a worker that did not import
     the module would claim the task and fail it as unknown.
     """
-    from django_absurd_agents.extras import missing_provider
-    from django_absurd_agents.registry import load_resolvers
-
     try:
         autodiscover_modules("tasks")
     except ImportError as exc:

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from analyst.llm import DELAY_ENV
 from analyst.models import ReportRequest
 from analyst.reports import task_queue
+from analyst.scripted import DELAY_ENV
 from django.contrib.auth.models import Permission, User
 from django.contrib.sessions.models import Session
 from django.core.management import call_command

@@ -28,9 +28,10 @@ from urllib.parse import urlencode
 import analyst.tasks  # noqa: F401  (registers write_report and the chat agent, as a worker would)
 import pytest
 from analyst import demo
-from analyst.llm import CALL_LOG_ENV, DELAY_ENV, Call, read_call_log
+from analyst.call_log import CALL_LOG_ENV, Call, read_call_log
 from analyst.models import Report, ReportRequest
 from analyst.reports import TASK_NAME, Progress, Run, Step, load_progress, request_report, step_label
+from analyst.scripted import DELAY_ENV
 from asgiref.sync import async_to_sync, sync_to_async
 from django.contrib.auth.models import User
 from django.core.management import call_command

@@ -16,33 +16,24 @@ Everything that waits polls the database with a deadline; nothing sleeps to sync
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from django.db import connections
-
-from analyst.llm import CALL_LOG_ENV, Call, read_call_log
+from analyst.call_log import Call, read_call_log
+from analyst.demo_workers import Worker
 from analyst.models import Report
 from analyst.reports import Progress, Step, load_progress, task_queue
-from django_absurd_agents.conf import get as agent_settings
+from django_absurd_agents.queue_overview import overview
 
 FIRST_MODEL_STEP = "analyst__model.request_stream"  # streamed: the agent logs its events
 POLL_SECONDS = 0.05
-MANAGE_PY = Path(__file__).resolve().parent.parent / "manage.py"
 
 
 class DemoError(Exception):
     """The demo could not go on; the message says what happened and what to look at."""
-
-
-# --- waiting -----------------------------------------------------------------------------------
 
 
 def wait_for[T](what: str, check: Callable[[], T | None], timeout: float, workers: Sequence[Worker] = ()) -> T:
@@ -67,36 +58,24 @@ def wait_for[T](what: str, check: Callable[[], T | None], timeout: float, worker
         time.sleep(POLL_SECONDS)
 
 
-def _one(sql: str, params: list[str]) -> tuple[object, ...] | None:
-    with connections[agent_settings().database_alias].cursor() as cursor:
-        cursor.execute(sql, params)
-        row = cursor.fetchone()
-    return tuple(row) if row is not None else None
-
-
 def checkpoint_recorded(task_id: str, name: str) -> bool | None:
-    row = _one(f'select 1 from absurd."c_{task_queue()}" where task_id = %s and checkpoint_name = %s', [task_id, name])
-    return True if row else None
+    progress = load_progress(task_id)
+    return True if progress is not None and any(step.name == name for step in progress.steps) else None
 
 
 def other_unfinished_tasks(task_id: str) -> int:
     """Tasks of the queue, other than ours, that the demo's workers would also run."""
-    row = _one(
-        f"""select count(*) from absurd."t_{task_queue()}"
-             where task_id <> %s and state in ('pending', 'running', 'sleeping')""",
-        [task_id],
-    )
-    return int(str(row[0])) if row else 0
+    queue = next((item for item in overview() if item.queue == task_queue()), None)
+    unfinished = sum(queue.counts.get(state, 0) for state in ("pending", "running", "sleeping")) if queue else 0
+    ours = load_progress(task_id)
+    return unfinished - (ours is not None and not ours.done)
 
 
 def attempt_started(task_id: str, attempt: int) -> int | None:
     """The attempt number once a run numbered ``attempt`` or later has been claimed by a worker."""
-    row = _one(
-        f"""select max(attempt) from absurd."r_{task_queue()}"
-             where task_id = %s and attempt >= %s and started_at is not null""",
-        [task_id, str(attempt)],
-    )
-    return int(str(row[0])) if row and row[0] is not None else None
+    progress = load_progress(task_id)
+    runs = progress.runs if progress is not None else []
+    return max((run.attempt for run in runs if run.attempt >= attempt and run.started_at is not None), default=None)
 
 
 def first_round_recorded(task_id: str) -> Progress | None:
@@ -125,73 +104,6 @@ def first_round_recorded(task_id: str) -> Progress | None:
 def finished(task_id: str) -> Progress | None:
     progress = load_progress(task_id)
     return progress if progress is not None and progress.done else None
-
-
-# --- worker processes --------------------------------------------------------------------------
-
-
-@dataclass
-class Worker:
-    number: int
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no log)"
-        return "\n".join("    " + line for line in text.splitlines()[-lines:]) or "    (empty)"
-
-    def kill(self) -> None:
-        """SIGKILL: no cleanup, no goodbye; the process's lease is simply left to run out."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM, the worker's graceful stop; SIGKILL if it does not exit in time."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-def start_worker(number: int, *, claim_timeout: int, workdir: Path, env: dict[str, str]) -> Worker:
-    """``manage.py absurd_worker`` in a process of its own, its output in ``workdir/worker-N.log``."""
-    log_path = workdir / f"worker-{number}.log"
-    command = [
-        sys.executable,
-        str(MANAGE_PY),
-        "absurd_worker",
-        "--queue",
-        task_queue(),
-        "--claim-timeout",
-        str(claim_timeout),
-        "--worker-id",
-        f"demo-worker-{number}",
-    ]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
-    return Worker(number=number, process=process, log_path=log_path)
-
-
-def worker_env(call_log: Path) -> dict[str, str]:
-    """The demo's own environment (same settings, same database) plus the call log's path."""
-    env = dict(os.environ)
-    env[CALL_LOG_ENV] = str(call_log)
-    env.setdefault("DJANGO_SETTINGS_MODULE", "example_project.settings")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-# --- the proof ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ from django.db import transaction
 from analyst.models import Report, ReportRequest
 from django_absurd_agents import absurd
 from django_absurd_agents.conf import get as agent_settings
-from django_absurd_agents.conf import queue_name_error
 from django_absurd_agents.json_text import compact_json
 from django_absurd_agents.progress import TaskProgress
 from django_absurd_agents.steps import Step as DecodedStep
@@ -45,11 +44,7 @@ def request_report(company: str, question: str) -> ReportRequest:
 
 
 def task_queue() -> str:
-    queue = absurd.resolve_queue(TASK_NAME)
-    problem = queue_name_error(queue)
-    if problem:  # the demo puts the name into table names
-        raise ValueError(problem)
-    return queue
+    return absurd.resolve_queue(TASK_NAME)
 
 
 def step_label(name: str) -> str:

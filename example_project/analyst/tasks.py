@@ -21,10 +21,12 @@ from typing import Any
 from absurd_sdk import AsyncTaskContext
 from pydantic_ai import Agent, ModelRetry, RunContext
 
-from analyst.llm import build_model, log_call, scripted_analyst, scripted_chat
+from analyst.call_log import log_call
+from analyst.llm import build_model
 from analyst.market import COMPANIES, FIGURES, NEWS, Figures, Headline, find_company
 from analyst.models import Report
 from analyst.reports import TASK_NAME
+from analyst.scripted import scripted_analyst, scripted_chat
 from django_absurd_agents import AbsurdAgent, absurd
 from django_absurd_agents.conversations import register_chat_agent
 

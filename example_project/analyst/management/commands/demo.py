@@ -19,7 +19,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
 
-from analyst import demo
+from analyst import demo, demo_workers
 from analyst.llm import describe_model
 from analyst.market import COMPANIES
 from analyst.reports import request_report, task_queue
@@ -53,8 +53,8 @@ class Command(BaseCommand):
 
         workdir = Path(tempfile.mkdtemp(prefix="absurd-agents-demo-"))
         call_log = workdir / "calls.log"
-        env = demo.worker_env(call_log)
-        workers: list[demo.Worker] = []
+        env = demo_workers.worker_env(call_log)
+        workers: list[demo_workers.Worker] = []
         succeeded = False
         try:
             self.heading("Run")
@@ -70,7 +70,7 @@ class Command(BaseCommand):
                     indent=True,
                 )
 
-            first = demo.start_worker(1, claim_timeout=claim_timeout, workdir=workdir, env=env)
+            first = demo_workers.start_worker(1, claim_timeout=claim_timeout, workdir=workdir, env=env)
             workers.append(first)
             self.event(f"worker 1 started (pid {first.pid}), running the task")
             demo.wait_for(
@@ -96,7 +96,7 @@ class Command(BaseCommand):
                 self.event(f"the task had already {at_kill.state} before the kill: the model is too fast to interrupt")
                 progress = at_kill
             else:
-                second = demo.start_worker(2, claim_timeout=claim_timeout, workdir=workdir, env=env)
+                second = demo_workers.start_worker(2, claim_timeout=claim_timeout, workdir=workdir, env=env)
                 workers.append(second)
                 names[second.pid] = "worker 2"
                 self.event(
@@ -133,8 +133,6 @@ class Command(BaseCommand):
             raise CommandError(f"The proof did not hold (see above). Worker logs: {workdir}")
         shutil.rmtree(workdir, ignore_errors=True)
 
-    # --- setup -------------------------------------------------------------------------------
-
     def setup(self) -> None:
         self.heading("Setup")
         self.item("database", describe_database())
@@ -150,8 +148,6 @@ class Command(BaseCommand):
             users.create_superuser(username=username, email="admin@example.com", password=password)  # type: ignore[attr-defined]
             self.item("superuser", f"created {username} / {password} for the admin")
         self.item("model", describe_model())
-
-    # --- output ------------------------------------------------------------------------------
 
     def heading(self, text: str) -> None:
         self.stdout.write("")

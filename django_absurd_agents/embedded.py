@@ -26,6 +26,7 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -216,9 +217,10 @@ def _attach_or_clear(layout: _Layout) -> _Running | None:
     attempt = 0
     while (found := _look(layout, clear=True)) == "busy":
         if time.monotonic() > deadline:
+            pid, _, socket_dir = _read_pidfile(layout) or (0, PORT, layout.socket_dir)
             raise EmbeddedPostgresError(
-                f"A PostgreSQL holds {layout.data} but accepts no connections; stop it (kill -INT <pid in "
-                f"{layout.pidfile}>) and retry. Log {layout.log}:\n{_log_tail(layout.log, 0)}"
+                f"PostgreSQL (pid {pid}) holds {layout.data} but accepts no connections on {socket_dir}; stop it "
+                f"(kill -INT {pid}) and retry. Log {layout.log}:\n{_log_tail(layout.log, 0)}"
             )
         time.sleep(_pause(attempt))
         attempt += 1
@@ -244,6 +246,9 @@ def _initdb(layout: _Layout, user: _User | None, log: int, log_offset: int) -> N
     command += ["--encoding=UTF8", "--no-locale", "--no-sync", "--no-instructions"]
     try:
         failed = osx.run_initdb(command, user, log, _INITDB_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise EmbeddedPostgresError(f"initdb took over {_INITDB_TIMEOUT:g}s; log {layout.log}") from None
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
@@ -331,7 +336,7 @@ def _stop(data_dir: Path, pid: int, timeout: float = STOP_TIMEOUT) -> bool:
             attempt += 1
         else:
             return True
-    return False
+    return _process_state(pid, data_dir) != "postgres"
 
 
 @dataclass(eq=False)
@@ -479,11 +484,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "start":
         return _cmd_start(args.data_dir, args.database)
+    if args.command == "stop":
+        _leave(_chosen_layout(args.data_dir, _default_run_as()).data)  # this process's own hold, if any
     server = find_server(args.data_dir)
     if args.command == "stop" and server is not None:
-        _leave(server.data_dir)
         stopped = _stop(server.data_dir, server.pid)
-        print(f"stopped PostgreSQL (pid {server.pid})" if stopped else "still shutting down", file=sys.stderr)
+        print(f"PostgreSQL (pid {server.pid}) {'stopped' if stopped else 'still shutting down'}", file=sys.stderr)
         return 0 if stopped else 1
     if server is None:
         print("not running", file=sys.stderr)

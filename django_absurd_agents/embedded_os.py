@@ -85,11 +85,11 @@ def _user_named(name: str) -> _User | None:
 
 
 def _user_with_uid(uid: int, gid: int) -> _User:
-    with contextlib.suppress(KeyError):
-        user = _user_named(pwd.getpwuid(uid).pw_name)
-        if user is not None:
-            return user
-    return _User(str(uid), uid, gid, (gid,))
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        return _User(str(uid), uid, gid, (gid,))
+    return _User(entry.pw_name, uid, entry.pw_gid, tuple(os.getgrouplist(entry.pw_name, entry.pw_gid)))
 
 
 def _default_run_as() -> _User | None:
@@ -334,9 +334,14 @@ def child_env() -> dict[str, str]:
     return {**{key: value for key, value in os.environ.items() if not key.startswith("PG")}, "LC_ALL": "C"}
 
 
-_prctl: Callable[..., int] | None = (
-    getattr(ctypes.CDLL(None, use_errno=True), "prctl", None) if sys.platform.startswith("linux") else None
-)
+def _load_prctl() -> Callable[..., int] | None:
+    try:  # fails on a Python linked statically; then initdb simply has no parent-death signal
+        return getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)  # type: ignore[no-any-return]
+    except OSError:
+        return None
+
+
+_prctl = _load_prctl() if sys.platform.startswith("linux") else None
 
 
 def run_initdb(command: list[str], user: _User | None, log: int, timeout: float) -> int:

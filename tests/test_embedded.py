@@ -376,6 +376,18 @@ def test_start_failure_reports_the_log_tail(pg_dir: Path) -> None:
         server.stop()
 
 
+def test_an_initdb_that_overstays_is_reported_as_the_apps_error(
+    fresh_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hung or slow initdb (a slow CI disk): the app's error with the log's path, and no half cluster."""
+    monkeypatch.setattr(embedded, "_INITDB_TIMEOUT", 0.001)
+    with pytest.raises(EmbeddedPostgresError, match=r"initdb took over 0\.001s; log .*postgres\.log"):
+        ensure_server(fresh_dir)
+    layout = embedded_os._layout(fresh_dir, embedded_os._default_run_as())
+    assert not list(layout.base.glob("data.init-*"))
+    assert not (layout.data / "PG_VERSION").exists()
+
+
 def test_cli_status_url_stop(pg_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert embedded.main(["--data-dir", str(pg_dir), "status"]) == 3
     server = ensure_server(pg_dir)

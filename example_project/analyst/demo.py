@@ -1,9 +1,9 @@
 """The core of ``make demo``: a report task survives a worker killed with SIGKILL, and nothing is paid twice.
 
 The story, told as it happens: ask for a report (the same ``request_report`` the website calls),
-start a worker process (the real ``manage.py absurd_worker``), SIGKILL it once the first model call
-and the tool calls it asked for are checkpointed (the second model call is then in flight), start a
-second worker, and watch it resume. Then prove it from the records:
+start a worker process (the real ``manage.py absurd_worker``, see ``analyst.demo_workers``), SIGKILL
+it once the first model call and the tool calls it asked for are checkpointed (the second model call
+is then in flight), start a second worker, and watch it resume. Then prove it from the records:
 
 * the call log (``EXAMPLE_CALL_LOG``) shows every model response and tool call once, and says which
   worker process made it;

@@ -1,4 +1,4 @@
-"""The analyst's model: the offline scripted analyst by default, a real LLM when asked for.
+"""The agents' model: the offline scripted one by default, a real LLM when asked for.
 
 * Default: ``analyst.scripted``'s ``FunctionModel``; no key, no network.
 * ``EXAMPLE_MODEL=openai:gpt-5.2`` (any pydantic-ai model name) with the provider's key in the

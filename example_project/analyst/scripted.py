@@ -1,9 +1,10 @@
-"""The offline scripted analyst: a pydantic-ai ``FunctionModel`` that behaves like a careful analyst.
+"""The offline scripted models, ``scripted_analyst`` and ``scripted_chat``: functions for pydantic-ai's
+``FunctionModel`` (built in ``analyst.llm``) that behave like a careful analyst.
 
-It looks up figures and news, saves one report and answers. Each call takes ``EXAMPLE_MODEL_DELAY``
+They look up figures and news, save one report and answer. Each call takes ``EXAMPLE_MODEL_DELAY``
 seconds (default 1.5), so a run takes as long as a real one: it thinks for a while, then streams its
-text a word at a time (the agents log their events, which makes their requests streamed). No key,
-no network.
+text a word at a time (``streamed``; the agents log their events, which makes their requests
+streamed). No key, no network.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Settings of the example project: a small Django site with one durable agent, the analyst.
 
 Everything here is what a real project would write; the only example-specific parts are the
-``EXAMPLE_*`` environment variables, which choose the analyst's model (see ``analyst/llm.py``).
+``EXAMPLE_*`` environment variables: the model (``analyst/llm.py``), its pace (``analyst/scripted.py``)
+and the call log ``make demo`` reads (``analyst/call_log.py``).
 """
 
 import os

@@ -1,7 +1,7 @@
 """``manage.py demo`` (``make demo``): a durable agent run survives a worker killed mid-run.
 
-The steps and the proof live in ``analyst.demo``; this command sets up, tells the story and prints
-the evidence.
+The waits and the proof live in ``analyst.demo``, the worker processes in ``analyst.demo_workers``;
+this command sets up, tells the story and prints the evidence.
 """
 
 from __future__ import annotations

@@ -159,9 +159,12 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 
 def _die_with_parent() -> Callable[[], None] | None:
     """A ``preexec_fn`` giving the child SIGTERM when this process dies (Linux only; ``None`` elsewhere)."""
-    if not sys.platform.startswith("linux"):
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+    except (OSError, AttributeError):  # a Python linked statically: no parent-death signal then
+        prctl = None
+    if prctl is None:
         return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
     parent = os.getpid()
 
     def arm() -> None:

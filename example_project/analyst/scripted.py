@@ -137,6 +137,13 @@ def _summary(figures: dict[str, object], news: list[dict[str, str]]) -> tuple[st
     return f"{company}: {verdict.split(':')[0]}, {growth:+.1f}% revenue growth", " ".join(lines)
 
 
+def _look_up(company: str) -> ModelResponse:
+    """Both lookups at once, as a model asks for parallel tool calls."""
+    return ModelResponse(
+        parts=[ToolCallPart("company_figures", {"company": company}), ToolCallPart("recent_news", {"company": company})]
+    )
+
+
 async def scripted_analyst(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
     """Look up the figures and the news, save one report, then answer; like a model, it only reads messages."""
     await think()
@@ -146,12 +153,7 @@ async def scripted_analyst(messages: list[ModelMessage], info: AgentInfo) -> Mod
     company = match.group(1).strip() if match else prompt.strip()
 
     if "company_figures" not in returns:
-        return ModelResponse(
-            parts=[
-                ToolCallPart("company_figures", {"company": company}),
-                ToolCallPart("recent_news", {"company": company}),
-            ]
-        )
+        return _look_up(company)
     figures = returns["company_figures"].model_response_object()
     if "error" in figures:
         return ModelResponse(parts=[TextPart(f"I could not find figures for {company}: {figures['error']}")])
@@ -184,12 +186,7 @@ async def scripted_chat(messages: list[ModelMessage], info: AgentInfo) -> ModelR
         )
     returns = _returns(_this_turn(messages))
     if "company_figures" not in returns:
-        return ModelResponse(
-            parts=[
-                ToolCallPart("company_figures", {"company": company}),
-                ToolCallPart("recent_news", {"company": company}),
-            ]
-        )
+        return _look_up(company)
     figures = returns["company_figures"].model_response_object()
     news_part = returns.get("recent_news")
     news = news_part.model_response_object().get("return_value", []) if news_part else []

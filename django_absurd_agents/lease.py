@@ -2,13 +2,17 @@
 
 absurd-sdk moves a lease forward only when a checkpoint is written or ``ctx.heartbeat()`` is called,
 so a single step longer than ``claim_timeout`` (a slow model call) would be claimed again by another
-worker and run twice. While a task executes, a companion coroutine extends the lease every third of
+worker and run twice. While a task executes, a companion coroutine extends the lease every sixth of
 ``claim_timeout``. When a renewal fails because the database connection broke (a restart, a
-failover), it is retried on a new connection for as long as the lease has not expired (and a little
-after: Absurd refuses the renewal once another worker has the task), so a short outage never hands
-the task to a second worker. A worker that is really gone stops extending, and
-its run is reclaimed within ``claim_timeout``. When the extension reports that the task was
-cancelled or failed elsewhere, the task's code is stopped at once instead of at its next checkpoint.
+failover), it is retried on a new connection, so an outage shorter than five sixths of the lease
+(less ``_stop_margin``) never hands the task to a second worker. A worker that is really gone stops
+extending, and its run is reclaimed within ``claim_timeout``.
+
+The task's code is stopped at once, instead of at its next checkpoint, when the extension reports
+that the task was cancelled or failed elsewhere, and when no renewal got through before this
+worker's estimate of the lease ran out (an outage longer than the lease): from then on another
+worker may claim the task, and one task never runs in two places at once. The next claim resumes it
+from its checkpoints.
 """
 
 from __future__ import annotations
@@ -66,31 +70,43 @@ async def renew(ctx: AsyncTaskContext, lease: Lease) -> None:
         return
 
 
+def _stop_margin(claim_timeout: int) -> float:
+    """How long before the estimated expiry an execution without a renewal stops: time for the
+    cancellation to reach the task's code before another worker can claim the task."""
+    return min(0.2, claim_timeout / 10)
+
+
 @asynccontextmanager
 async def keep_lease(ctx: AsyncTaskContext) -> AsyncIterator[None]:
     claim_timeout = max(sdk.claim_timeout(ctx), 1)
     lease = _lease_of(ctx, claim_timeout)
-    interval = max(claim_timeout / 3, 0.2)
+    interval = max(claim_timeout / 6, 0.2)
     body = asyncio.current_task()
     lost: list[BaseException] = []
+
+    def stop_body(reason: BaseException) -> None:
+        lost.append(reason)
+        if body is not None:
+            body.cancel()
 
     async def extend() -> None:
         while True:
             await asyncio.sleep(interval)
             try:
-                await renew(ctx, lease)
+                async with asyncio.timeout(lease.remaining() - _stop_margin(claim_timeout)):
+                    await renew(ctx, lease)
             except (CancelledTask, FailedTask) as exc:
-                lost.append(exc)
-                if body is not None:
-                    body.cancel()
+                stop_body(exc)
                 return
-            except Exception as exc:  # the lease ran out while the database was away: the next worker resumes
+            except Exception as exc:  # no renewal before the lease ran out: another worker may claim the task now
                 logger.warning(
-                    "Could not extend the lease of task %s before it expired: %s",
+                    "Task %s: its lease could not be extended before it ran out (%s); this execution stops, and "
+                    "the next claim resumes the task from its checkpoints.",
                     ctx.task_id,
-                    exc,
-                    exc_info=not is_transient(exc),
+                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                    exc_info=not isinstance(exc, TimeoutError) and not is_transient(exc),
                 )
+                stop_body(FailedTask())
                 return
 
     extender = asyncio.create_task(extend())

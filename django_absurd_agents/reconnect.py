@@ -7,9 +7,11 @@ another worker would claim the task once the lease ran out and run its step in f
 
 ``TaskConnection`` stands in for that connection. Each statement goes to the executor's current
 connection, a new one is opened when the old one broke, and a statement that failed because the
-connection broke is sent again, while the lease lasts and for ``PAST_LEASE`` seconds after it.
-Past the lease that is still safe, because Absurd decides: until another worker claims the task
-the run is still this worker's (a write even extends its lease), and once one has, Absurd refuses
+connection broke is sent again, while the lease lasts (at least every ``_RETRY_CAP_IN_LEASE``) and
+for ``PAST_LEASE`` seconds after it. The task's code itself is stopped as the lease runs out without
+a renewal (``lease.py``), so past the lease only writes already under way are retried. That is
+safe, because Absurd decides: until another worker claims the task the run is still this worker's
+(a write even extends its lease), and once one has, Absurd refuses
 the old run's writes ("already failed"), which ends its execution as lost. Every statement
 absurd-sdk sends for a running task may be sent twice: checkpoints are upserts, a claim extension
 only moves a time forward, and completing or failing a run that is no longer running is refused.
@@ -35,6 +37,9 @@ logger = logging.getLogger("django_absurd_agents.worker")
 _TRANSIENT_STATES = {"57P01", "57P02", "57P03", "53300", "53400"}
 _RETRY_FIRST = 0.1
 _RETRY_CAP = 2.0
+_RETRY_CAP_IN_LEASE = 0.25
+"""While the lease lasts, retries come at least this often: a renewal must land soon after the
+database is back, before the lease runs out and the task's execution stops (``lease.py``)."""
 PAST_LEASE = 30.0
 """Seconds a write is still retried after this worker's estimate of its lease has run out."""
 
@@ -117,6 +122,8 @@ class TaskConnection:
                     raise
                 failures += 1
                 delay = min(_RETRY_CAP, _RETRY_FIRST * 2 ** (failures - 1))
+                if self.lease.remaining() > 0:
+                    delay = min(delay, _RETRY_CAP_IN_LEASE)
                 if self.lease.retry_window() <= delay:
                     raise
                 if failures == 1:

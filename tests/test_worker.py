@@ -579,6 +579,60 @@ def test_a_restart_during_steps_longer_than_the_lease_runs_each_step_once(
         worker.close()
 
 
+@pytest.mark.slow
+def test_an_outage_longer_than_the_lease_stops_the_execution_before_the_task_is_claimed_again(
+    private_server: tuple[Any, Callable[[], Any]], settings_dir: Path, tmp_path: Path
+) -> None:
+    """Postgres stays down past the 2 s lease while a 4 s step runs. No renewal gets through, so the worker
+    cannot know the task is still its own: it stops the step before the lease runs out, while the
+    database is still down, and the next claim (attempt 2) never runs next to it."""
+    server, restart = private_server
+    server.create_database("worker_long_outage")
+    url = server.url("worker_long_outage")
+    import absurdctl
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(absurdctl.BUNDLED_SCHEMA_SQL)
+        conn.execute("select absurd.create_queue('agents')")
+        row = conn.execute(
+            "select task_id::text from absurd.spawn_task('agents', 'worker_long_step', %s::jsonb, %s::jsonb)",
+            [json.dumps({"sleep": 4}), json.dumps({"max_attempts": 5})],
+        ).fetchone()
+    assert row is not None
+    task_id = row[0]
+
+    def attempts() -> list[tuple[int, str]] | None:
+        try:
+            with psycopg.connect(url, autocommit=True, connect_timeout=2) as conn:
+                return conn.execute(
+                    "select attempt, state from absurd.r_agents where task_id = %s order by attempt", [task_id]
+                ).fetchall()
+        except psycopg.OperationalError:
+            return None
+
+    def events(name: str) -> list[int]:
+        return [at for event, task, _, at in runs(env) if event == name and task == task_id]
+
+    env = process_env({**os.environ, "DATABASE_URL": url}, settings_dir, tmp_path)
+    worker = WorkerProcess(env, tmp_path / "worker.log", "--queue", "agents", "--concurrency", "2",
+                           "--poll-interval", "0.05", "--claim-timeout", "2")  # fmt: skip
+    try:
+        wait_until(lambda: events("slow-start"), "the slow step to start")
+        server.stop()
+        wait_until(lambda: events("slow-stopped"), "the step to stop as the lease runs out, the database still down")
+        restart()
+        wait_until(lambda: (rows := attempts()) is not None and rows[-1][1] == "completed", "the task to complete")
+        assert attempts() == [(1, "failed"), (2, "completed")], worker.log()
+        first_stopped, second_started = events("slow-stopped")[0], events("slow-start")[1]
+        assert first_stopped < second_started
+        assert len(events("slow-start")) == 2 and len(events("slow-end")) == 1 and len(events("after")) == 1
+        assert "its lease could not be extended before it ran out" in worker.log()
+        worker.signal(signal.SIGTERM)
+        assert worker.wait() == 0, worker.log()
+    finally:
+        worker.close()
+
+
 def checkpoint_state(task_id: str, name: str) -> Any:
     with connection.cursor() as cursor:
         cursor.execute("select state from absurd.c_agents where task_id = %s and checkpoint_name = %s", [task_id, name])

@@ -150,7 +150,11 @@ async def long_step(params: dict[str, Any], ctx: Any) -> dict[str, Any]:
 
     async def slow() -> str:
         record("slow-start", ctx.task_id)
-        await asyncio.sleep(params["sleep"])
+        try:
+            await asyncio.sleep(params["sleep"])
+        except asyncio.CancelledError:
+            record("slow-stopped", ctx.task_id)
+            raise
         record("slow-end", ctx.task_id)
         return "slow done"
 

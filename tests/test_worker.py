@@ -462,18 +462,24 @@ def private_server() -> Iterator[tuple[Any, Callable[[], Any]]]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def agents_database(server: Any, name: str) -> str:
+    """A database of its own on ``server`` with Absurd's schema and the ``agents`` queue; its URL."""
+    import absurdctl
+
+    server.create_database(name)
+    url: str = server.url(name)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(absurdctl.BUNDLED_SCHEMA_SQL)
+        conn.execute("select absurd.create_queue('agents')")
+    return url
+
+
 @pytest.mark.slow
 def test_the_worker_survives_a_postgres_restart(
     private_server: tuple[Any, Callable[[], Any]], settings_dir: Path, tmp_path: Path
 ) -> None:
     server, restart = private_server
-    server.create_database("worker_restart")
-    url = server.url("worker_restart")
-    import absurdctl
-
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(absurdctl.BUNDLED_SCHEMA_SQL)
-        conn.execute("select absurd.create_queue('agents')")
+    url = agents_database(server, "worker_restart")
 
     def spawn_raw(n: int, sleep: float = 0) -> list[str]:
         with psycopg.connect(url, autocommit=True) as conn:
@@ -529,13 +535,8 @@ def test_a_restart_during_steps_longer_than_the_lease_runs_each_step_once(
     """Postgres restarts while two 6 s steps are in flight under a 3 s lease: the same runs renew their
     leases and write their checkpoints on new connections; nothing is claimed twice, nothing runs twice."""
     server, restart = private_server
-    server.create_database("worker_restart_steps")
-    url = server.url("worker_restart_steps")
-    import absurdctl
-
+    url = agents_database(server, "worker_restart_steps")
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(absurdctl.BUNDLED_SCHEMA_SQL)
-        conn.execute("select absurd.create_queue('agents')")
         task_ids = [
             str(
                 conn.execute(
@@ -587,13 +588,8 @@ def test_an_outage_longer_than_the_lease_stops_the_execution_before_the_task_is_
     cannot know the task is still its own: it stops the step before the lease runs out, while the
     database is still down, and the next claim (attempt 2) never runs next to it."""
     server, restart = private_server
-    server.create_database("worker_long_outage")
-    url = server.url("worker_long_outage")
-    import absurdctl
-
+    url = agents_database(server, "worker_long_outage")
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(absurdctl.BUNDLED_SCHEMA_SQL)
-        conn.execute("select absurd.create_queue('agents')")
         row = conn.execute(
             "select task_id::text from absurd.spawn_task('agents', 'worker_long_step', %s::jsonb, %s::jsonb)",
             [json.dumps({"sleep": 4}), json.dumps({"max_attempts": 5})],

@@ -24,19 +24,18 @@ from django_absurd_agents import tables
 
 
 class _DjangoCursor:
-    """The slice of a psycopg cursor absurd-sdk's sync client uses, on a Django cursor.
+    """The slice of a psycopg cursor absurd-sdk's sync client uses, answered by Django's connection.
 
     Every statement the SDK sends is a SELECT, so its rows are read at once, by name and with json
-    decoded (``tables.fetch``), whatever row factory the SDK asked for: it asks for dict_row (0.5.1)
-    wherever it reads a row.
+    decoded (``tables.rows``, on a Django cursor closed right after), whatever row factory the SDK
+    asked for: it asks for dict_row (0.5.1) wherever it reads a row.
     """
 
-    def __init__(self, cursor: Any) -> None:
-        self._cursor = cursor
+    def __init__(self) -> None:
         self._rows: list[dict[str, Any]] = []
 
     def execute(self, query: str, params: Any = None) -> _DjangoCursor:
-        self._rows = tables.fetch(self._cursor, query, params or ())
+        self._rows = tables.rows(query, params or ())
         return self
 
     def fetchone(self) -> dict[str, Any] | None:
@@ -51,7 +50,7 @@ class DjangoConnection:
     """What absurd-sdk's ``Absurd`` calls on its connection (``cursor``), answered by Django's connection."""
 
     def cursor(self, row_factory: Any = None) -> _DjangoCursor:
-        return _DjangoCursor(tables.connection().cursor())
+        return _DjangoCursor()
 
 
 def client(queue: str, hooks: AbsurdHooks | None = None) -> Absurd:

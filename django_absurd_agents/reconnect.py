@@ -121,9 +121,8 @@ class TaskConnection:
                 if not is_transient(exc, conn):
                     raise
                 failures += 1
-                delay = min(_RETRY_CAP, _RETRY_FIRST * 2 ** (failures - 1))
-                if self.lease.remaining() > 0:
-                    delay = min(delay, _RETRY_CAP_IN_LEASE)
+                cap = _RETRY_CAP_IN_LEASE if self.lease.remaining() > 0 else _RETRY_CAP
+                delay = min(cap, _RETRY_FIRST * 2 ** (failures - 1))
                 if self.lease.retry_window() <= delay:
                     raise
                 if failures == 1:
